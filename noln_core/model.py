@@ -1,0 +1,340 @@
+"""A GPT-2 forward pass over folded weights, with TransformerLens hook names.
+
+Folding
+-------
+Every GPT-2 LayerNorm computes ``LN(x) = (x - mean(x)) / sigma(x) * w + b``
+with ``sigma(x) = sqrt(var(x) + eps)``.  Mean-centring is the linear map
+``C = I - 11^T/d``, so ``C``, ``w`` and ``b`` fold into whatever reads the LN's
+output (``W -> C diag(w) W``, ``b_W -> b W + b_W``), exactly as TransformerLens'
+``fold_ln`` does.  What is left of the LN is the division by ``sigma``.
+
+The LN-free checkpoints (gpt2_noLN, ``schaeff/*_LNFree*``) store
+``w' = w * 1e6`` and ``eps = 1e12``, so ``sigma ~= sqrt(eps)`` and the stored
+LN computes ``(x - mean) * w'/sqrt(eps) + b``.  For them we fold
+``w = w'/sqrt(eps)`` and drop the division altogether: the model has **no
+normalisation at all**, the map from any residual stream to the logits is
+linear, and attribution is exact by construction.  (The stored checkpoint, run
+in ``transformers``, differs from this model by a relative ``var/(2 eps)``; a
+run reports that deviation, see ``ModelRun.hf_deviation``.)
+
+For models with LN the division stays, recorded under the TransformerLens
+names ``blocks.{l}.ln1.hook_scale``, ``ln2.hook_scale`` and
+``ln_final.hook_scale``.  LN-free models have no such hooks: nothing in them
+divides by anything.
+
+Hook names and shapes follow TransformerLens (``blocks.{l}.hook_resid_pre``,
+``blocks.{l}.attn.hook_pattern`` ``[batch, head, query, key]``,
+``blocks.{l}.attn.hook_z`` ``[batch, pos, head, d_head]``...), so a notebook
+written against ``run_with_cache`` carries over.  Nothing is registered on any
+module: observers are arguments of one call, so concurrent calls on one
+loaded model never see each other's hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+Observer = Callable[[str, torch.Tensor], None]
+"""Called as ``observer(hook_name, activation)`` during a forward pass."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is: its identity and shape."""
+
+    name: str
+    """Display name (the spec the user gave, e.g. ``apollo-research/gpt2_noLN@v4``)."""
+    source: str
+    """Hub repo id or local directory."""
+    revision: str | None
+    """Requested revision, ``None`` for the default branch or a local directory."""
+    commit: str | None
+    """Resolved commit hash of a hub snapshot, when known."""
+    ln_free: bool
+    """True when the checkpoint carried the neutralising trick and the model has no normalisation."""
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    n_ctx: int
+    d_vocab: int
+    eps: float
+    """The checkpoint's ``layer_norm_epsilon`` (1e12 for the LN-free trick)."""
+    act_fn: str
+    bos_token_id: int
+    device: str
+    dtype: str
+    warnings: tuple[str, ...] = ()
+    """Anything odd noticed while loading, one line each."""
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class GPT2Weights:
+    """Folded GPT-2 weights, stacked over layers.  Shapes use ``L`` layers, ``d`` = d_model.
+
+    The unembedding is kept as the (possibly tied) embedding matrix plus a
+    folded scale and bias, so that tied checkpoints hold one copy of the
+    ``[d_vocab, d]`` matrix: ``logits = (C x / sigma) * w_U @ W_U_rows.T + b_U``.
+    """
+
+    W_E: torch.Tensor
+    """(d_vocab, d) token embedding."""
+    W_pos: torch.Tensor
+    """(n_ctx, d) position embedding."""
+    W_QKV: torch.Tensor
+    """(L, d, 3d) fused Q/K/V projections with ln_1 folded in (centring included)."""
+    b_QKV: torch.Tensor
+    """(L, 3d)."""
+    W_O: torch.Tensor
+    """(L, d, d) attention output projection; rows are ``head*d_head + i``."""
+    b_O: torch.Tensor
+    """(L, d)."""
+    W_in: torch.Tensor
+    """(L, d, d_mlp) MLP input with ln_2 folded in."""
+    b_in: torch.Tensor
+    """(L, d_mlp)."""
+    W_out: torch.Tensor
+    """(L, d_mlp, d)."""
+    b_out: torch.Tensor
+    """(L, d)."""
+    W_U_rows: torch.Tensor
+    """(d_vocab, d) unembedding rows before the folded ln_f scale (the same tensor as ``W_E`` when tied)."""
+    w_U: torch.Tensor
+    """(d,) ln_f weight folded into the unembedding (already divided by sqrt(eps) for LN-free models)."""
+    b_U: torch.Tensor
+    """(d_vocab,) ln_f bias pushed through the unembedding, plus any lm_head bias."""
+
+    def unembed_direction(self, answer: int, counterfactual: int) -> torch.Tensor:
+        """(d,) ``u`` with ``logit[a] - logit[b] = (C x / sigma) . u + const``; ``u`` is centred."""
+        u = (self.W_U_rows[answer] - self.W_U_rows[counterfactual]).float() * self.w_U.float()
+        return u - u.mean()
+
+    def unembed_constant(self, answer: int, counterfactual: int) -> float:
+        """The bias term of the logit difference: ``b_U[a] - b_U[b]``."""
+        return float(self.b_U[answer].float() - self.b_U[counterfactual].float())
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        return (getattr(self, f) for f in self.__dataclass_fields__)
+
+
+def _fold_ln(w_ln: torch.Tensor, b_ln: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``x -> C x * w_ln + b_ln`` into the linear map ``y = x W + b`` (W is (d, out))."""
+    W_scaled = w_ln[:, None] * W
+    W_folded = W_scaled - W_scaled.mean(dim=0, keepdim=True)  # = C @ diag(w) @ W, C symmetric
+    return W_folded, b + b_ln @ W
+
+
+def fold_checkpoint(sd: dict[str, torch.Tensor], n_layers: int, eps: float, ln_free: bool) -> GPT2Weights:
+    """Build :class:`GPT2Weights` (float32) from an HF GPT-2 state dict with the ``transformer.`` prefix stripped.
+
+    ``ln_free`` divides every LN weight by ``sqrt(eps)``, undoing the stored
+    ``x1e6`` of the neutralising trick.  The state dict is consumed: folded
+    tensors replace the originals so that only one copy lives at a time.
+    """
+    undo = 1.0 / math.sqrt(eps) if ln_free else 1.0
+
+    def pop(key: str) -> torch.Tensor:
+        return sd.pop(key).float()
+
+    qkv_w, qkv_b, o_w, o_b, in_w, in_b, out_w, out_b = ([] for _ in range(8))
+    for layer in range(n_layers):
+        p = f"h.{layer}."
+        w1, b1 = pop(p + "ln_1.weight") * undo, pop(p + "ln_1.bias")
+        W, b = _fold_ln(w1, b1, pop(p + "attn.c_attn.weight"), pop(p + "attn.c_attn.bias"))
+        qkv_w.append(W), qkv_b.append(b)
+        o_w.append(pop(p + "attn.c_proj.weight")), o_b.append(pop(p + "attn.c_proj.bias"))
+        w2, b2 = pop(p + "ln_2.weight") * undo, pop(p + "ln_2.bias")
+        W, b = _fold_ln(w2, b2, pop(p + "mlp.c_fc.weight"), pop(p + "mlp.c_fc.bias"))
+        in_w.append(W), in_b.append(b)
+        out_w.append(pop(p + "mlp.c_proj.weight")), out_b.append(pop(p + "mlp.c_proj.bias"))
+    W_E = pop("wte.weight")
+    lm_head = sd.pop("lm_head.weight", None)
+    W_U_rows = W_E if lm_head is None or torch.equal(lm_head.float(), W_E) else lm_head.float()
+    w_f, b_f = pop("ln_f.weight") * undo, pop("ln_f.bias")
+    b_U = W_U_rows @ b_f
+    lm_bias = sd.pop("lm_head.bias", None)
+    if lm_bias is not None:
+        b_U = b_U + lm_bias.float()
+    stack = torch.stack
+    return GPT2Weights(
+        W_E=W_E, W_pos=pop("wpe.weight"),
+        W_QKV=stack(qkv_w), b_QKV=stack(qkv_b), W_O=stack(o_w), b_O=stack(o_b),
+        W_in=stack(in_w), b_in=stack(in_b), W_out=stack(out_w), b_out=stack(out_b),
+        W_U_rows=W_U_rows, w_U=w_f, b_U=b_U,
+    )
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": _gelu_new,
+    "gelu_fast": _gelu_new,
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+    "swish": torch.nn.functional.silu,
+}
+
+
+def _scale(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm's centring and divisor, in float32: ``(x - mean, sqrt(var + eps))``."""
+    xf = x.float()
+    centred = xf - xf.mean(-1, keepdim=True)
+    return centred, (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A GPT-2 ready for analysis: folded weights, tokenizer and identity.
+
+    It holds no per-run state.  :meth:`run_with_cache` and :meth:`forward`
+    are pure functions of their arguments, safe to call from many threads.
+    """
+
+    info: ModelInfo
+    weights: GPT2Weights
+    tokenizer: object = field(repr=False)
+    """A ``tokenizers.Tokenizer`` (GPT-2 byte-level BPE)."""
+    scale_attn_by_inverse_layer_idx: bool = False
+
+    @property
+    def ln_free(self) -> bool:
+        return self.info.ln_free
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.W_E.device
+
+    def hook_names(self) -> list[str]:
+        """Every hook name a forward pass can report, in execution order."""
+        names = ["hook_embed", "hook_pos_embed"]
+        ln = not self.ln_free
+        for layer in range(self.info.n_layers):
+            b = f"blocks.{layer}."
+            names.append(b + "hook_resid_pre")
+            if ln:
+                names += [b + "ln1.hook_scale", b + "ln1.hook_normalized"]
+            names += [b + f"attn.hook_{x}" for x in ("q", "k", "v", "attn_scores", "pattern", "z")]
+            names += [b + "hook_attn_out", b + "hook_resid_mid"]
+            if ln:
+                names += [b + "ln2.hook_scale", b + "ln2.hook_normalized"]
+            names += [b + "mlp.hook_pre", b + "mlp.hook_post", b + "hook_mlp_out", b + "hook_resid_post"]
+        if ln:
+            names += ["ln_final.hook_scale", "ln_final.hook_normalized"]
+        return names
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        observer: Observer | None = None,
+        wants: Callable[[str], bool] | None = None,
+        return_logits: bool = True,
+    ) -> torch.Tensor | None:
+        """Run on ``tokens`` ``[batch, pos]``; return logits ``[batch, pos, d_vocab]`` (float32).
+
+        ``observer(name, tensor)`` is called for each hook name that ``wants``
+        accepts (all of them when ``wants`` is None).  With ``return_logits``
+        False the unembedding is skipped and ``None`` returned.
+        """
+        info, w = self.info, self.weights
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        n = tokens.shape[-1]
+        if n > info.n_ctx:
+            raise ValueError(f"{n} tokens exceed the context window of {info.n_ctx}")
+        tokens = tokens.to(w.W_E.device)
+        emit = observer is not None
+        want = (lambda _: emit) if wants is None else (lambda name: emit and wants(name))
+        dtype = w.W_E.dtype
+        H, dh, eps, ln = info.n_heads, info.d_head, info.eps, not info.ln_free
+        act = ACTIVATIONS[info.act_fn]
+
+        def put(name: str, value: torch.Tensor) -> None:
+            if want(name):
+                observer(name, value)  # type: ignore[misc]
+
+        def norm_in(x: torch.Tensor, name: str) -> torch.Tensor:
+            if not ln:
+                return x
+            centred, scale = _scale(x, eps)
+            put(name + ".hook_scale", scale)
+            normed = centred / scale
+            put(name + ".hook_normalized", normed)
+            return normed.to(dtype)
+
+        with torch.inference_mode():
+            embed = w.W_E[tokens]
+            pos = w.W_pos[:n][None]
+            put("hook_embed", embed)
+            put("hook_pos_embed", pos.expand_as(embed))
+            resid = embed + pos
+            mask = torch.ones(n, n, dtype=torch.bool, device=resid.device).tril()
+            for layer in range(info.n_layers):
+                b = f"blocks.{layer}."
+                put(b + "hook_resid_pre", resid)
+                x = norm_in(resid, b + "ln1")
+                qkv = x @ w.W_QKV[layer] + w.b_QKV[layer]
+                q, k, v = (t.unflatten(-1, (H, dh)) for t in qkv.split(info.d_model, dim=-1))
+                put(b + "attn.hook_q", q), put(b + "attn.hook_k", k), put(b + "attn.hook_v", v)
+                div = math.sqrt(dh) * ((layer + 1) if self.scale_attn_by_inverse_layer_idx else 1)
+                scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / div
+                scores = scores.masked_fill(~mask, float("-inf"))
+                put(b + "attn.hook_attn_scores", scores)
+                pattern = scores.softmax(-1)
+                put(b + "attn.hook_pattern", pattern)
+                z = torch.einsum("bhqk,bkhd->bqhd", pattern.to(dtype), v)
+                put(b + "attn.hook_z", z)
+                attn_out = z.flatten(-2) @ w.W_O[layer] + w.b_O[layer]
+                put(b + "hook_attn_out", attn_out)
+                resid = resid + attn_out
+                put(b + "hook_resid_mid", resid)
+                x = norm_in(resid, b + "ln2")
+                pre = x @ w.W_in[layer] + w.b_in[layer]
+                put(b + "mlp.hook_pre", pre)
+                post = act(pre)
+                put(b + "mlp.hook_post", post)
+                mlp_out = post @ w.W_out[layer] + w.b_out[layer]
+                put(b + "hook_mlp_out", mlp_out)
+                resid = resid + mlp_out
+                put(b + "hook_resid_post", resid)
+            if not return_logits:
+                return None
+            # The unembedding stays tied to W_E, so ln_f's centring is applied here, not folded.
+            x = norm_in(resid, "ln_final") if ln else resid - resid.mean(-1, keepdim=True)
+            return ((x * w.w_U) @ w.W_U_rows.T).float() + w.b_U.float()
+
+    def run_with_cache(
+        self, tokens: torch.Tensor, names_filter: Callable[[str], bool] | Iterable[str] | str | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """TransformerLens-style ``(logits, cache)``; the cache maps hook names to tensors.
+
+        ``names_filter`` is a name, a list of names or a predicate, as in
+        TransformerLens.  Tensors keep their device and the batch dimension.
+        """
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if names_filter is not None and not callable(names_filter):
+            wanted = set(names_filter)
+            names_filter = wanted.__contains__
+        cache: dict[str, torch.Tensor] = {}
+        logits = self.forward(tokens, observer=cache.__setitem__, wants=names_filter)
+        assert logits is not None
+        return logits, cache
+
+    def final_norm(self, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centre ``resid`` (..., d) and return ``(centred, scale)``; scale is 1 for LN-free models."""
+        centred, scale = _scale(resid, self.info.eps)
+        if self.ln_free:
+            scale = torch.ones_like(scale)
+        return centred, scale

@@ -1,0 +1,102 @@
+"""Next-token predictions, per-token loss and how two models' distributions differ.
+
+For each model: ``log p(token[i+1] | tokens[..i])`` (the per-token loss is its
+negative), the top-k predictions and the entropy ``H = -sum p log p``.  For
+each pair of models, per position: ``KL(A||B) = sum p_A (log p_A - log p_B)``
+both ways, the Jensen-Shannon divergence ``JS = (KL(A||M) + KL(B||M)) / 2``
+with ``M = (p_A + p_B)/2`` (symmetric, at most ln 2), and whether their top-1
+predictions agree.  All in nats.
+
+The distribution functions here work on full log-prob tensors and are what
+:func:`noln_core.compare` uses while the logits exist; :func:`next_token`
+then summarises the captured result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) over the last axis of log-probabilities."""
+    return -(logprobs.exp() * logprobs).sum(-1)
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """``KL(P || Q)`` over the last axis; exactly 0 when ``logp`` is ``logq``."""
+    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+
+
+def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats) over the last axis, in ``[0, ln 2]``."""
+    logm = torch.logaddexp(logp, logq) - math.log(2.0)
+    return (0.5 * (kl_divergence(logp, logm) + kl_divergence(logq, logm))).clamp(0.0, math.log(2.0))
+
+
+@dataclass(frozen=True)
+class NextTokenStats:
+    """One model's next-token behaviour on the run's tokens (``n`` tokens, ``k`` top predictions)."""
+
+    name: str
+    loss: np.ndarray
+    """(n - 1,) per-token cross-entropy ``-log p(token[i+1] | ..i)``, nats."""
+    mean_loss: float
+    """Mean of ``loss`` (NaN for a single token)."""
+    entropy: np.ndarray
+    """(n,) entropy of the prediction at each position."""
+    top_ids: np.ndarray
+    """(n, k) most likely next tokens."""
+    top_probs: np.ndarray
+    """(n, k) their probabilities."""
+    top_tokens: tuple[tuple[str, ...], ...]
+    """(n, k) the same tokens as text."""
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """Two models' predictions compared per position."""
+
+    a: str
+    b: str
+    kl_ab: np.ndarray
+    """(n,) KL(A || B)."""
+    kl_ba: np.ndarray
+    """(n,) KL(B || A)."""
+    js: np.ndarray
+    """(n,) Jensen-Shannon divergence."""
+    top1_agree: np.ndarray
+    """(n,) bool."""
+    agreement: float
+    """Share of positions whose top-1 predictions agree."""
+    loss_diff: np.ndarray
+    """(n - 1,) loss of B minus loss of A: positive where B predicts the real next token worse."""
+
+
+@dataclass(frozen=True)
+class NextTokenAnalysis:
+    models: tuple[NextTokenStats, ...]
+    pairs: tuple[PairStats, ...]
+
+
+def next_token(result) -> NextTokenAnalysis:
+    """Summarise next-token predictions of every model in a :class:`~noln_core.compare.RunResult`."""
+    stats = []
+    for run in result.runs:
+        loss = -run.next_logprobs
+        stats.append(NextTokenStats(
+            name=run.name, loss=loss, mean_loss=float(loss.mean()) if loss.size else float("nan"),
+            entropy=run.entropy, top_ids=run.top_ids, top_probs=np.exp(run.top_logprobs),
+            top_tokens=run.top_tokens,
+        ))
+    pairs = tuple(
+        PairStats(
+            a=stats[p.a].name, b=stats[p.b].name, kl_ab=p.kl_ab, kl_ba=p.kl_ba, js=p.js, top1_agree=p.top1_agree,
+            agreement=float(p.top1_agree.mean()), loss_diff=stats[p.b].loss - stats[p.a].loss,
+        )
+        for p in result.pairs
+    )
+    return NextTokenAnalysis(models=tuple(stats), pairs=pairs)

