@@ -90,6 +90,7 @@ def looks_like_path(source: str) -> bool:
 
 def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
     """Download (or find in the cache) the files matching ``patterns``; map hub errors to one line."""
+    from huggingface_hub import errors as hub_errors
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -99,9 +100,16 @@ def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
         RevisionNotFoundError,
     )
 
+    incomplete = getattr(hub_errors, "IncompleteSnapshotError", ())  # huggingface_hub >= 1.x
     rev = f" --revision {revision}" if revision else ""
+    what = f"{repo}{'@' + revision if revision else ''}"
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except incomplete as err:
+        raise OfflineError(
+            f"the cached copy of {what} is incomplete (an interrupted download) and the hub cannot be reached: "
+            "reconnect and load again to finish it, or point at a local directory holding config.json and the weights"
+        ) from err
     except GatedRepoError as err:
         raise UnknownModelError(f"{repo} is gated: accept its terms on the hub and log in (`huggingface-cli login`)") from err
     except RevisionNotFoundError as err:
@@ -113,7 +121,6 @@ def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
             f"no model {repo!r} on the Hugging Face hub (or it is private): check the spelling, e.g. openai-community/gpt2"
         ) from err
     except LocalEntryNotFoundError as err:
-        what = f"{repo}{'@' + revision if revision else ''}"
         raise OfflineError(
             f"cannot reach the Hugging Face hub and {what} is not cached: " + _PREDOWNLOAD.format(repo=repo, rev=rev)
         ) from err
@@ -212,7 +219,7 @@ def _check_state_dict(sd: dict[str, torch.Tensor], config: dict[str, Any], name:
 
 def load_tokenizer(directory: Path | None, vocab_size: int, name: str):
     """A ``tokenizers.Tokenizer`` from the checkpoint's files, else GPT-2's (all these models share it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     candidates = [directory] if directory is not None else []
     for attempt in range(2):
@@ -226,6 +233,8 @@ def load_tokenizer(directory: Path | None, vocab_size: int, name: str):
                 tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
                 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
                 tok.decoder = decoders.ByteLevel()
+                if tok.token_to_id("<|endoftext|>") is not None:  # as GPT-2's own tokenizer treats it
+                    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
                 return tok
         if attempt == 0:
             if vocab_size != 50257:

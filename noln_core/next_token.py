@@ -33,7 +33,9 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon divergence (nats) over the last axis, in ``[0, ln 2]``."""
-    logm = torch.logaddexp(logp, logq) - math.log(2.0)
+    # log M = log p + log((1 + q/p) / 2), written so that identical inputs give exactly 0.
+    d = logq - logp
+    logm = logp + (torch.logaddexp(torch.zeros_like(d), d) - math.log(2.0))
     return (0.5 * (kl_divergence(logp, logm) + kl_divergence(logq, logm))).clamp(0.0, math.log(2.0))
 
 

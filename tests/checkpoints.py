@@ -72,7 +72,9 @@ def save(model: GPT2LMHeadModel, directory: Path, tokenizer: bool = True) -> Pat
 
 
 def hf_model(directory: Path) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel.from_pretrained(directory).eval()
+    """The reference: transformers' own GPT-2 (eager attention, so that it returns attention patterns)."""
+    model = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="eager").eval()
+    return model.requires_grad_(False)
 
 
 def write_config(directory: Path, **changes) -> None:
@@ -80,3 +82,14 @@ def write_config(directory: Path, **changes) -> None:
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+
+
+def write_tokenizer_json(directory: Path) -> None:
+    """GPT-2's ``tokenizer.json`` built from the real BPE files, as hub repos ship it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    tok.save(str(directory / "tokenizer.json"))

@@ -1,0 +1,212 @@
+"""Command line: ``python -m noln_core compare ... --json`` and ``python -m noln_core models``.
+
+Bad input ends with one line on stderr (``error: ...``) and exit status 2;
+warnings (truncated text, a multi-token answer) go to stderr as
+``warning: ...`` and the run goes on.  stdout carries only the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import __version__
+from .attention import attention
+from .attribution import direct_logit_attribution
+from .compare import RunResult, compare
+from .direct_effect import head_direct_effects
+from .errors import InputError, NolnError
+from .loading import load_model
+from .logit_diff import logit_difference
+from .next_token import next_token
+from .registry import DEFAULT_PAIR, REGISTRY, parse_spec
+from .residual_norms import residual_norms
+
+EXIT_BAD_INPUT = 2
+TOP_NEURONS = 10
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: arrays to lists, NaN/inf to null."""
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def report(result: RunResult) -> dict[str, Any]:
+    """The JSON document for a run: every analysis, one entry per model (documented in the README)."""
+    nt = next_token(result)
+    norms = residual_norms(result)
+    attn = attention(result)
+    dla = direct_logit_attribution(result)
+    de = head_direct_effects(result)
+    lens = logit_difference(result)
+    p = result.position
+    models = []
+    for i, run in enumerate(result.runs):
+        info = run.info
+        entry: dict[str, Any] = {
+            "name": info.name, "source": info.source, "revision": info.revision, "commit": info.commit,
+            "ln_free": info.ln_free, "device": info.device, "dtype": info.dtype,
+            "n_layers": info.n_layers, "n_heads": info.n_heads, "d_model": info.d_model,
+            "next_token_logprobs": run.next_logprobs, "mean_loss": nt.models[i].mean_loss,
+            "entropy": run.entropy,
+            "top_k": [
+                {"id": int(t), "token": s, "prob": float(np.exp(lp))}
+                for t, s, lp in zip(run.top_ids[p], run.top_tokens[p], run.top_logprobs[p])
+            ],
+            "logit_diff": None, "logit_lens": None, "dla": None, "dla_heads": None, "dla_attn_bias": None,
+            "top_neurons": None, "direct_effect_heads": None, "direct_effect_nmae": None,
+            "resid_norms": norms[i].hidden,
+            "resid_norms_detail": {"resid_pre": norms[i].resid_pre, "resid_mid": norms[i].resid_mid,
+                                   "resid_post": norms[i].resid_post},
+            "ln_scales": None if info.ln_free else {
+                "ln1": norms[i].ln1_scale, "ln2": norms[i].ln2_scale, "ln_final": norms[i].ln_final_scale},
+            "attn_to_first": attn[i].to_first,
+            "sink_rate": attn[i].sink_rate,
+            "hf_deviation": run.hf_deviation,
+        }
+        if dla is not None and de is not None and lens is not None:
+            d = dla[i]
+            entry.update({
+                "logit_diff": d.logit_diff,
+                "logit_lens": {"labels": lens.models[i].lens_labels, "values": lens.models[i].lens},
+                "dla": {"labels": d.labels, "values": d.values, "constant": d.constant, "error": d.error,
+                        "exact": d.exact, "scale": d.scale, "method": d.method},
+                "dla_heads": d.heads, "dla_attn_bias": d.attn_bias,
+                "top_neurons": [{"layer": l, "neuron": n, "value": v} for l, n, v in d.top_neurons(TOP_NEURONS)],
+                "direct_effect_heads": de[i].direct_effect, "direct_effect_nmae": de[i].nmae,
+            })
+        models.append(entry)
+    target = result.target
+    doc = {
+        "noln_core_version": __version__,
+        "text": result.text, "token_ids": result.token_ids, "tokens": result.tokens, "pieces": result.pieces,
+        "prepend_bos": result.prepend_bos, "position": p, "truncated": result.truncated,
+        "target": None if target is None else {
+            "answer": target.answer, "answer_id": target.answer_id, "answer_pieces": target.answer_pieces,
+            "counterfactual": target.counterfactual, "counterfactual_id": target.counterfactual_id,
+            "counterfactual_pieces": target.counterfactual_pieces,
+        },
+        "warnings": result.warnings,
+        "models": models,
+        "pairs": [
+            {"a": idx.a, "b": idx.b, "kl_ab": pr.kl_ab, "kl_ba": pr.kl_ba, "js": pr.js, "top1_agree": pr.top1_agree,
+             "agreement": pr.agreement, "loss_diff": pr.loss_diff}
+            for idx, pr in zip(result.pairs, nt.pairs)
+        ],
+    }
+    return _clean(doc)
+
+
+def _summary(doc: dict[str, Any]) -> str:
+    """A short human-readable report for the terminal."""
+    lines = [f"{len(doc['token_ids'])} tokens; analysed position {doc['position']} ({doc['tokens'][doc['position']]!r})"]
+    if doc["target"]:
+        t = doc["target"]
+        lines.append(f"logit difference: {t['answer']!r} - {t['counterfactual']!r}")
+    for m in doc["models"]:
+        lines.append(f"\n{m['name']}  ({'LN-free' if m['ln_free'] else 'with LayerNorm'}, {m['device']}, {m['dtype']})")
+        lines.append(f"  mean loss {m['mean_loss']:.4f} nats; attention-sink rate {m['sink_rate']:.1%}"
+                     if m["mean_loss"] is not None and m["sink_rate"] is not None else "  (one token: no loss)")
+        top = ", ".join(f"{k['token']!r} {k['prob']:.3f}" for k in m["top_k"][:5])
+        lines.append(f"  top next tokens: {top}")
+        if m["logit_diff"] is not None:
+            d = m["dla"]
+            lines.append(f"  logit diff {m['logit_diff']:+.4f} = components {sum(d['values']):+.4f} "
+                         f"+ constant {d['constant']:+.4f}  (error {d['error']:.2e}, {'exact' if d['exact'] else 'cached LN scale'})")
+            lines.append(f"  DLA vs direct effect over heads: NMAE {m['direct_effect_nmae']:.2%}")
+    for pr in doc["pairs"]:
+        a, b = doc["models"][pr["a"]]["name"], doc["models"][pr["b"]]["name"]
+        lines.append(f"\n{a} vs {b}: top-1 agreement {pr['agreement']:.1%}, mean JS {np.mean(pr['js']):.4f} nats")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m noln_core",
+        description="Compare GPT-2 with its LayerNorm-free fine-tunes on the same token ids.",
+    )
+    parser.add_argument("--version", action="version", version=f"noln_core {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp = sub.add_parser(
+        "compare",
+        help="run models side by side on a text and report every analysis",
+        description=(
+            "Run each model once on the same token ids and report next-token log-probs, the logit difference and its "
+            "lens, residual norms, direct logit attribution (with its constant term; exact for LN-free models), per-head "
+            "DLA against the true direct effect, and attention-sink rates. With --json, one JSON document goes to stdout "
+            "(schema in the README); otherwise a short summary. Errors: one line on stderr, exit status 2."
+        ),
+        epilog=f"Default models: {DEFAULT_PAIR[0]} and {DEFAULT_PAIR[1]}. `python -m noln_core models` lists known ones.",
+    )
+    cmp.add_argument("--model", action="append", metavar="SRC[@REV]",
+                     help="hub repo id or local directory, optionally @revision (repeat for each model; default: the pair above)")
+    cmp.add_argument("--text", required=True, help="the prompt; '-' reads it from stdin")
+    cmp.add_argument("--answer", help="answer token, e.g. ' Mary' (mind the leading space); with --counterfactual")
+    cmp.add_argument("--counterfactual", help="counterfactual token, e.g. ' John'")
+    cmp.add_argument("--position", type=int, default=-1, help="token position analysed (default -1, the last)")
+    cmp.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|>")
+    cmp.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    cmp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    cmp.add_argument("--json", action="store_true", help="print the full JSON report instead of a summary")
+    sub.add_parser("models", help="list the registry of known models")
+    return parser
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if text == "" or text is None:
+        raise InputError("the text is empty: pass --text 'some words' (or --text - to read stdin)")
+    specs = args.model or list(DEFAULT_PAIR)
+    models = []
+    for spec in specs:
+        source, revision = (spec, None) if os.path.exists(os.path.expanduser(spec)) else parse_spec(spec)
+        models.append(load_model(source, revision, device=args.device, dtype=args.dtype, name=spec))
+    result = compare(models, text, args.answer, args.counterfactual, args.position, prepend_bos=not args.no_bos)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    doc = report(result)
+    print(json.dumps(doc, ensure_ascii=False) if args.json else _summary(doc))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "models":
+            for spec, m in REGISTRY.items():
+                print(f"{spec:45s} {m.kind:10s} {m.description}")
+            return 0
+        return _run_compare(args)
+    except NolnError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory: use a smaller model, shorter text, or --dtype bfloat16", file=sys.stderr)
+        return 1
+    except Exception as err:  # the one-line promise holds for our own bugs too; NOLN_DEBUG=1 shows them whole
+        if os.environ.get("NOLN_DEBUG"):
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"error: unexpected {type(err).__name__}: {first} (set NOLN_DEBUG=1 for details)", file=sys.stderr)
+        return 1

@@ -1,0 +1,98 @@
+"""Direct logit attribution: components + constant = logit difference; exact for LN-free models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import PROMPTS, hf_run
+from noln_core import compare, direct_logit_attribution
+from noln_core.attribution import exactness_tolerance
+
+CASES = [(PROMPTS[0], " Mary", " John", -1), (PROMPTS[1], " Paris", " London", -1),
+         (PROMPTS[2], " three", " four", 5), (PROMPTS[3], "\t", "\n", -2)]
+
+
+@pytest.fixture(scope="module", params=range(len(CASES)))
+def case(request, ln_model, noln_model):
+    text, a, b, pos = CASES[request.param]
+    return compare([ln_model, noln_model], text, a, b, pos)
+
+
+def test_logit_diff_equals_hf(case, ln_dir, noln_dir):
+    ids, p, t = list(case.token_ids), case.position, case.target
+    for dla, directory in zip(direct_logit_attribution(case), (ln_dir, noln_dir)):
+        logits = hf_run(directory, ids)["logits"][p]
+        assert dla.logit_diff == pytest.approx(float(logits[t.answer_id] - logits[t.counterfactual_id]), abs=1e-4)
+
+
+def test_ln_free_dla_is_exact(case):
+    dla = direct_logit_attribution(case)[1]
+    assert dla.ln_free and dla.exact and dla.scale == 1.0
+    assert abs(dla.values.sum() + dla.constant - dla.logit_diff) <= exactness_tolerance(dla.logit_diff)
+    assert dla.error <= exactness_tolerance(dla.logit_diff)
+
+
+def test_ln_model_dla_uses_cached_scale_and_reports_error(case):
+    dla = direct_logit_attribution(case)[0]
+    assert not dla.exact and "cached scale" in dla.method
+    assert dla.scale == pytest.approx(float(case.runs[0].ln_final_scale[case.position]))
+    assert np.isfinite(dla.error) and dla.error == pytest.approx(abs(dla.values.sum() + dla.constant - dla.logit_diff))
+
+
+def test_constant_is_the_final_ln_bias_through_the_unembedding(case, noln_dir):
+    model = hf_run(noln_dir, list(case.token_ids))["model"]
+    W_E, b_f = model.transformer.wte.weight.double(), model.transformer.ln_f.bias.double()
+    t = case.target
+    expected = float(b_f @ (W_E[t.answer_id] - W_E[t.counterfactual_id]))
+    dla = direct_logit_attribution(case)[1]
+    assert dla.constant == pytest.approx(expected, abs=1e-5)
+
+
+def test_leaving_out_the_constant_breaks_the_sum(ln_model, noln_model):
+    """The usual DLA (no constant) misses the logit difference by exactly the constant, which is not small here."""
+    dla = direct_logit_attribution(compare(noln_model, PROMPTS[0], " Mary", " John"))[0]
+    assert abs(dla.constant) > 100 * exactness_tolerance(dla.logit_diff)
+    assert abs(dla.values.sum() - dla.logit_diff) == pytest.approx(abs(dla.constant), abs=1e-4)
+
+
+def test_finer_splits_add_up(case):
+    for dla in direct_logit_attribution(case):
+        attn, mlp = dla.values[2::2], dla.values[3::2]
+        np.testing.assert_allclose(dla.heads.sum(1) + dla.attn_bias, attn, atol=1e-5)
+        np.testing.assert_allclose(dla.head_source.sum(-1), dla.heads, atol=1e-5)
+        np.testing.assert_allclose(dla.neurons.sum(1) + dla.mlp_bias, mlp, atol=1e-4)
+        assert dla.labels[:4] == ("embed", "pos_embed", "L0 attn", "L0 mlp")
+
+
+def test_head_dla_equals_recomputation_from_hf(case, noln_dir):
+    """Each head's write z_h W_O^h, from HF's own c_proj input, read out linearly, equals our head DLA."""
+    ref = hf_run(noln_dir, list(case.token_ids))
+    model, p, t = ref["model"], case.position, case.target
+    dla = direct_logit_attribution(case)[1]
+    W_E = model.transformer.wte.weight.double()
+    w_f = model.transformer.ln_f.weight.double() / 1e6
+    u = w_f * (W_E[t.answer_id] - W_E[t.counterfactual_id])
+    u = u - u.mean()
+    H = model.config.n_head
+    dh = model.config.n_embd // H
+    for layer in range(model.config.n_layer):
+        W_O = model.transformer.h[layer].attn.c_proj.weight.double()
+        z = ref["z"][layer][p]
+        for h in range(H):
+            out = z[h * dh:(h + 1) * dh] @ W_O[h * dh:(h + 1) * dh]
+            assert dla.heads[layer, h] == pytest.approx(float((out - out.mean()) @ u), abs=1e-5)
+
+
+def test_top_neurons_are_the_largest(case):
+    dla = direct_logit_attribution(case)[1]
+    top = dla.top_neurons(5)
+    assert len(top) == 5
+    values = [abs(v) for _, _, v in top]
+    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(np.abs(dla.neurons).max())
+    layer, neuron, value = top[0]
+    assert dla.neurons[layer, neuron] == value
+
+
+def test_no_target_no_attribution(ln_model):
+    assert direct_logit_attribution(compare(ln_model, "Hello")) is None

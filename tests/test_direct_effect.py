@@ -1,0 +1,67 @@
+"""Per-head direct effect, against an independent recomputation with HF's own final LayerNorm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import PROMPTS, hf_readout, hf_run
+from noln_core import compare, head_direct_effects
+
+
+@pytest.fixture(scope="module")
+def result(ln_model, noln_model):
+    return compare([ln_model, noln_model], PROMPTS[0], " Mary", " John")
+
+
+def _hf_direct_effects(directory, result):
+    """DE_h = f(x) - f(x - r_h) with HF's ln_f and lm_head, r_h from HF's c_proj input."""
+    ref = hf_run(directory, list(result.token_ids))
+    model, p, t = ref["model"], result.position, result.target
+    x = ref["hidden"][-1][p]
+    H = model.config.n_head
+    dh = model.config.n_embd // H
+    out = np.zeros((model.config.n_layer, H))
+    full = hf_readout(model, x, t.answer_id, t.counterfactual_id)
+    for layer in range(model.config.n_layer):
+        W_O = model.transformer.h[layer].attn.c_proj.weight.double()
+        for h in range(H):
+            r = ref["z"][layer][p, h * dh:(h + 1) * dh] @ W_O[h * dh:(h + 1) * dh]
+            out[layer, h] = float(full - hf_readout(model, x - r, t.answer_id, t.counterfactual_id))
+    return out
+
+
+def test_direct_effect_equals_hf_recomputation(result, ln_dir, noln_dir):
+    for effect, directory in zip(head_direct_effects(result), (ln_dir, noln_dir)):
+        np.testing.assert_allclose(effect.direct_effect, _hf_direct_effects(directory, result), atol=1e-4)
+
+
+def test_ln_free_dla_equals_direct_effect(result):
+    effect = head_direct_effects(result)[1]
+    assert effect.ln_free and effect.nmae < 1e-5
+    np.testing.assert_allclose(effect.dla, effect.direct_effect, atol=1e-6)
+
+
+def test_ln_model_dla_differs_from_direct_effect(result):
+    effect = head_direct_effects(result)[0]
+    assert not effect.ln_free and effect.nmae > 1e-3
+    expected = np.abs(effect.dla - effect.direct_effect).sum() / np.abs(effect.direct_effect).sum()
+    assert effect.nmae == pytest.approx(expected)
+
+
+def test_head_dla_matches_attribution_module(result):
+    from noln_core import direct_logit_attribution
+
+    for effect, dla in zip(head_direct_effects(result), direct_logit_attribution(result)):
+        np.testing.assert_allclose(effect.dla, dla.heads, atol=1e-9)
+
+
+def test_computed_from_one_run_without_further_forward_passes(ln_model, noln_model, monkeypatch):
+    """All heads' direct effects come from the cached run: the analysis never calls a model."""
+    result = compare([ln_model, noln_model], PROMPTS[1], " Paris", " London")
+    calls = []
+    for model in (ln_model, noln_model):
+        monkeypatch.setattr(type(model), "forward", lambda *a, **k: calls.append(1) or torch.zeros(0))
+    effects = head_direct_effects(result)
+    assert not calls and effects[0].direct_effect.shape == (3, 4)
