@@ -18,6 +18,7 @@ its hook names and cache conventions instead; see the README.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -160,37 +161,119 @@ def _read_config(directory: Path, name: str) -> dict[str, Any]:
     return config
 
 
-def _read_state_dict(directory: Path, name: str) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint on the CPU, prefix ``transformer.`` stripped."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
-    shards = sorted(directory.glob("model*.safetensors"))
-    sd: dict[str, torch.Tensor] = {}
-    try:
-        if shards:
+
+class _SafetensorsFile:
+    """Reads tensors of a ``.safetensors`` file one at a time with plain reads.
+
+    The format is an 8-byte little-endian header length, a JSON header of
+    ``{name: {dtype, shape, data_offsets}}``, then the raw data.  Reading each
+    tensor into fresh memory (instead of memory-mapping the file, as
+    ``safetensors.safe_open`` does) keeps the file's pages out of the
+    process's resident memory: loading holds the folded weights plus one
+    checkpoint tensor, nothing more.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its header")
+            n = int.from_bytes(raw, "little")
+            if n > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        self.base = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(meta.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"tensor {key} has unsupported dtype {meta.get('dtype')!r}")
+            shape = tuple(int(x) for x in meta["shape"])
+            start, end = (int(x) for x in meta["data_offsets"])
+            if not 0 <= start <= end <= size - self.base or end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {key} lies outside the file or has the wrong size (truncated download?)")
+            self.entries[key] = (dtype, shape, start, end)
+
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key``; read straight into ``out`` when it has the same dtype and shape."""
+        dtype, shape, start, end = self.entries[key]
+        direct = out is not None and out.dtype == dtype and tuple(out.shape) == shape and out.is_contiguous()
+        target = out if direct else torch.empty(shape, dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.base + start)
+            if f.readinto(target.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise ValueError(f"tensor {key} is cut short (truncated download?)")
+        if out is not None and not direct:
+            return out.copy_(target)
+        return target
+
+
+class _Checkpoint:
+    """Access to a checkpoint's tensors (``transformer.`` prefix stripped), read one at a time.
+
+    safetensors shards are read with :class:`_SafetensorsFile`;
+    ``pytorch_model.bin`` is loaded with ``weights_only=True`` (no pickled code runs).
+    """
+
+    def __init__(self, directory: Path, name: str):
+        self.name = name
+        self._where: dict[str, Any] = {}
+        shards = sorted(directory.glob("model*.safetensors"))
+        bins = sorted(directory.glob("pytorch_model*.bin"))
+        if not shards and not bins:
+            raise CorruptCheckpointError(
+                f"{name} has no weights (model.safetensors or pytorch_model.bin): "
+                "the download is incomplete or the directory is wrong"
+            )
+        try:
             for shard in shards:
-                sd.update(load_file(str(shard)))
-        else:
-            bins = sorted(directory.glob("pytorch_model*.bin"))
-            if not bins:
-                raise CorruptCheckpointError(
-                    f"{name} has no weights (model.safetensors or pytorch_model.bin): the download is incomplete or the directory is wrong"
-                )
-            for b in bins:
+                reader = _SafetensorsFile(shard)
+                for key in reader.entries:
+                    self._where[key.removeprefix("transformer.")] = (reader, key)
+            for b in [] if shards else bins:
                 loaded = torch.load(str(b), map_location="cpu", weights_only=True)
                 if not isinstance(loaded, dict):
-                    raise CorruptCheckpointError(f"{name}: {b.name} does not hold a state dict")
-                sd.update(loaded)
-    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError) as err:
+                    raise TypeError(f"{b.name} does not hold a state dict")
+                for key, value in loaded.items():
+                    if isinstance(value, torch.Tensor):
+                        self._where[key.removeprefix("transformer.")] = (None, value)
+        except Exception as err:  # json, struct and torch.load raise many types for a damaged file
+            raise self._corrupt(err) from err
+
+    def _corrupt(self, err: BaseException) -> CorruptCheckpointError:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CorruptCheckpointError(
-            f"{name}: the weights file is corrupt or truncated ({first}); delete it (or the cached copy) and download again"
-        ) from err
-    return {k.removeprefix("transformer."): v for k, v in sd.items()}
+        return CorruptCheckpointError(
+            f"{self.name}: the weights file is corrupt or truncated ({first}); delete it (or the cached copy) and download again"
+        )
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        reader, ref = self._where[key]
+        return reader.entries[ref][1] if reader is not None else tuple(ref.shape)
+
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key``, written into ``out`` (and returned) when given."""
+        reader, ref = self._where[key]
+        try:
+            if reader is not None:
+                return reader.get(ref, out)
+            return ref if out is None else out.copy_(ref)
+        except Exception as err:
+            raise self._corrupt(err) from err
 
 
-def _check_state_dict(sd: dict[str, torch.Tensor], config: dict[str, Any], name: str) -> None:
+def _check_checkpoint(ckpt: _Checkpoint, config: dict[str, Any], name: str) -> None:
+    """Every GPT-2 tensor is present with the shape config.json implies (read from headers, not data)."""
     d, n_layers, vocab, n_ctx = config["n_embd"], config["n_layer"], config["vocab_size"], config["n_positions"]
     d_mlp = config.get("n_inner") or 4 * d
     expected = {"wte.weight": (vocab, d), "wpe.weight": (n_ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
@@ -203,39 +286,50 @@ def _check_state_dict(sd: dict[str, torch.Tensor], config: dict[str, Any], name:
             p + "mlp.c_fc.weight": (d, d_mlp), p + "mlp.c_fc.bias": (d_mlp,),
             p + "mlp.c_proj.weight": (d_mlp, d), p + "mlp.c_proj.bias": (d,),
         })
-    missing = [k for k in expected if k not in sd]
+    missing = [k for k in expected if k not in ckpt]
     if missing:
         raise CorruptCheckpointError(
             f"{name}: the weights lack {len(missing)} GPT-2 tensors (first: {missing[0]}); the checkpoint is incomplete or not GPT-2"
         )
     for key, shape in expected.items():
-        if tuple(sd[key].shape) != shape:
+        if ckpt.shape(key) != shape:
             raise CorruptCheckpointError(
-                f"{name}: tensor {key} has shape {tuple(sd[key].shape)}, config.json implies {shape}; weights and config disagree"
+                f"{name}: tensor {key} has shape {ckpt.shape(key)}, config.json implies {shape}; weights and config disagree"
             )
-        if not torch.isfinite(sd[key]).all():
-            raise CorruptCheckpointError(f"{name}: tensor {key} holds NaN or infinite values")
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_from_files(files: tuple[tuple[str, int, int], ...]):
+    """Build (once per set of files) a GPT-2 byte-level BPE tokenizer; ``Tokenizer`` is safe to share."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    paths = [f[0] for f in files]
+    if len(paths) == 1:
+        return Tokenizer.from_file(paths[0])
+    tok = Tokenizer(models.BPE.from_file(*paths))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if tok.token_to_id("<|endoftext|>") is not None:  # as GPT-2's own tokenizer treats it
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    return tok
 
 
 def load_tokenizer(directory: Path | None, vocab_size: int, name: str):
     """A ``tokenizers.Tokenizer`` from the checkpoint's files, else GPT-2's (all these models share it)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     candidates = [directory] if directory is not None else []
     for attempt in range(2):
         for folder in candidates:
-            if (folder / "tokenizer.json").is_file():
-                try:
-                    return Tokenizer.from_file(str(folder / "tokenizer.json"))
-                except Exception as err:  # tokenizers raises plain Exception subclasses
-                    raise CorruptCheckpointError(f"{name}: tokenizer.json is unreadable ({err})") from err
-            if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-                tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
-                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-                tok.decoder = decoders.ByteLevel()
-                if tok.token_to_id("<|endoftext|>") is not None:  # as GPT-2's own tokenizer treats it
-                    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
-                return tok
+            for files in (["tokenizer.json"], ["vocab.json", "merges.txt"]):
+                if all((folder / f).is_file() for f in files):
+                    try:
+                        return _tokenizer_from_files(tuple(_file_key(folder / f) for f in files))
+                    except Exception as err:  # tokenizers raises plain Exception subclasses
+                        raise CorruptCheckpointError(f"{name}: {' and '.join(files)} unreadable ({err})") from err
         if attempt == 0:
             if vocab_size != 50257:
                 break
@@ -309,15 +403,15 @@ def load_model(
     directory, source, revision, commit = _locate(source, revision, allow_local)
     display = name or (source if revision is None else f"{source}@{revision}")
     config = _read_config(directory, display)
-    sd = _read_state_dict(directory, display)
-    _check_state_dict(sd, config, display)
+    ckpt = _Checkpoint(directory, display)
+    _check_checkpoint(ckpt, config, display)
     tokenizer = load_tokenizer(directory, int(config["vocab_size"]), display)
 
     eps = float(config.get("layer_norm_epsilon", 1e-5))
     ln_free = eps >= NEUTRALISED_EPS
     warnings: list[str] = []
     if ln_free:
-        ln_rms = torch.stack([sd[f"h.{i}.ln_1.weight"].float().pow(2).mean().sqrt() for i in range(config["n_layer"])])
+        ln_rms = torch.stack([ckpt.get(f"h.{i}.ln_1.weight").float().pow(2).mean().sqrt() for i in range(config["n_layer"])])
         ratio = float(ln_rms.median()) / math.sqrt(eps)
         if not 1e-3 <= ratio <= 1e3:
             warnings.append(
@@ -331,8 +425,12 @@ def load_model(
             bos = int(config["vocab_size"]) - 1
             warnings.append(f"no BOS token in config or tokenizer; using id {bos}")
 
-    weights = fold_checkpoint(sd, int(config["n_layer"]), eps, ln_free)
-    del sd
+    weights = fold_checkpoint(ckpt.get, ckpt.__contains__, int(config["n_layer"]), eps, ln_free)
+    del ckpt
+    # A sum per tensor: NaN or inf anywhere makes it non-finite, without a mask the size of the weights.
+    bad = [f for f, t in vars(weights).items() if not math.isfinite(float(t.sum()))]
+    if bad:
+        raise CorruptCheckpointError(f"{display}: the weights hold NaN or infinite values (in {bad[0]} after folding)")
     moved: dict[int, torch.Tensor] = {}  # by id, so tied embeddings stay one tensor on the device
     try:
         for t in weights.tensors():

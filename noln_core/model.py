@@ -125,50 +125,60 @@ class GPT2Weights:
         return (getattr(self, f) for f in self.__dataclass_fields__)
 
 
-def _fold_ln(w_ln: torch.Tensor, b_ln: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold ``x -> C x * w_ln + b_ln`` into the linear map ``y = x W + b`` (W is (d, out))."""
-    W_scaled = w_ln[:, None] * W
-    W_folded = W_scaled - W_scaled.mean(dim=0, keepdim=True)  # = C @ diag(w) @ W, C symmetric
-    return W_folded, b + b_ln @ W
+def fold_checkpoint(
+    get: Callable[..., torch.Tensor], has: Callable[[str], bool], n_layers: int, eps: float, ln_free: bool
+) -> GPT2Weights:
+    """Build float32 :class:`GPT2Weights` from an HF GPT-2 checkpoint, one tensor at a time.
 
+    ``get(key, out=None)`` returns a tensor of the checkpoint (keys without
+    the ``transformer.`` prefix), written into ``out`` when given; ``has(key)``
+    says whether it exists.  Each matrix lands once in a preallocated layer
+    stack and is folded in place, so loading holds the final weights plus at
+    most one checkpoint tensor.
 
-def fold_checkpoint(sd: dict[str, torch.Tensor], n_layers: int, eps: float, ln_free: bool) -> GPT2Weights:
-    """Build :class:`GPT2Weights` (float32) from an HF GPT-2 state dict with the ``transformer.`` prefix stripped.
-
-    ``ln_free`` divides every LN weight by ``sqrt(eps)``, undoing the stored
-    ``x1e6`` of the neutralising trick.  The state dict is consumed: folded
-    tensors replace the originals so that only one copy lives at a time.
+    Folding ``x -> C x * w + b`` into ``y = x W + b_W`` gives
+    ``W' = C diag(w) W`` (scale the rows, subtract their mean) and
+    ``b' = b_W + b W``.  ``ln_free`` first divides every LN weight by
+    ``sqrt(eps)``, undoing the stored x1e6 of the neutralising trick.
     """
     undo = 1.0 / math.sqrt(eps) if ln_free else 1.0
 
-    def pop(key: str) -> torch.Tensor:
-        return sd.pop(key).float()
+    def f32(key: str) -> torch.Tensor:
+        return get(key).to(torch.float32)
 
-    qkv_w, qkv_b, o_w, o_b, in_w, in_b, out_w, out_b = ([] for _ in range(8))
+    d, d_mlp = f32("h.0.attn.c_proj.bias").shape[0], f32("h.0.mlp.c_fc.bias").shape[0]
+    W_QKV, b_QKV = torch.empty(n_layers, d, 3 * d), torch.empty(n_layers, 3 * d)
+    W_O, b_O = torch.empty(n_layers, d, d), torch.empty(n_layers, d)
+    W_in, b_in = torch.empty(n_layers, d, d_mlp), torch.empty(n_layers, d_mlp)
+    W_out, b_out = torch.empty(n_layers, d_mlp, d), torch.empty(n_layers, d)
+
+    def fold_into(W: torch.Tensor, b: torch.Tensor, prefix: str, ln: str) -> None:
+        w_ln, b_ln = f32(ln + ".weight") * undo, f32(ln + ".bias")
+        get(prefix + ".weight", out=W)
+        get(prefix + ".bias", out=b)
+        b.add_(b_ln @ W)
+        W.mul_(w_ln[:, None])
+        W.sub_(W.mean(dim=0, keepdim=True))  # = C @ W for the symmetric centring matrix C
+
     for layer in range(n_layers):
         p = f"h.{layer}."
-        w1, b1 = pop(p + "ln_1.weight") * undo, pop(p + "ln_1.bias")
-        W, b = _fold_ln(w1, b1, pop(p + "attn.c_attn.weight"), pop(p + "attn.c_attn.bias"))
-        qkv_w.append(W), qkv_b.append(b)
-        o_w.append(pop(p + "attn.c_proj.weight")), o_b.append(pop(p + "attn.c_proj.bias"))
-        w2, b2 = pop(p + "ln_2.weight") * undo, pop(p + "ln_2.bias")
-        W, b = _fold_ln(w2, b2, pop(p + "mlp.c_fc.weight"), pop(p + "mlp.c_fc.bias"))
-        in_w.append(W), in_b.append(b)
-        out_w.append(pop(p + "mlp.c_proj.weight")), out_b.append(pop(p + "mlp.c_proj.bias"))
-    W_E = pop("wte.weight")
-    lm_head = sd.pop("lm_head.weight", None)
-    W_U_rows = W_E if lm_head is None or torch.equal(lm_head.float(), W_E) else lm_head.float()
-    w_f, b_f = pop("ln_f.weight") * undo, pop("ln_f.bias")
+        fold_into(W_QKV[layer], b_QKV[layer], p + "attn.c_attn", p + "ln_1")
+        get(p + "attn.c_proj.weight", out=W_O[layer]), get(p + "attn.c_proj.bias", out=b_O[layer])
+        fold_into(W_in[layer], b_in[layer], p + "mlp.c_fc", p + "ln_2")
+        get(p + "mlp.c_proj.weight", out=W_out[layer]), get(p + "mlp.c_proj.bias", out=b_out[layer])
+    W_E = f32("wte.weight")
+    W_U_rows = W_E
+    if has("lm_head.weight"):
+        lm_head = f32("lm_head.weight")
+        if not torch.equal(lm_head, W_E):  # untied: keep the second matrix
+            W_U_rows = lm_head
+    w_f, b_f = f32("ln_f.weight") * undo, f32("ln_f.bias")
     b_U = W_U_rows @ b_f
-    lm_bias = sd.pop("lm_head.bias", None)
-    if lm_bias is not None:
-        b_U = b_U + lm_bias.float()
-    stack = torch.stack
+    if has("lm_head.bias"):
+        b_U += f32("lm_head.bias")
     return GPT2Weights(
-        W_E=W_E, W_pos=pop("wpe.weight"),
-        W_QKV=stack(qkv_w), b_QKV=stack(qkv_b), W_O=stack(o_w), b_O=stack(o_b),
-        W_in=stack(in_w), b_in=stack(in_b), W_out=stack(out_w), b_out=stack(out_b),
-        W_U_rows=W_U_rows, w_U=w_f, b_U=b_U,
+        W_E=W_E, W_pos=f32("wpe.weight"), W_QKV=W_QKV, b_QKV=b_QKV, W_O=W_O, b_O=b_O,
+        W_in=W_in, b_in=b_in, W_out=W_out, b_out=b_out, W_U_rows=W_U_rows, w_U=w_f, b_U=b_U,
     )
 
 
