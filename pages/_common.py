@@ -1,0 +1,380 @@
+"""The app's single point of access to noln_core: caching, session state, the shared sidebar, page helpers.
+
+All ``st.cache_*`` decorators and session-state keys live here, so pages stay
+thin: a page calls :func:`current_run`, an analysis accessor and the figure
+helpers, and explains what it shows.
+
+Caching:
+- models: ``st.cache_resource`` keyed on (spec, device, dtype), room for
+  ``MAX_MODELS`` at once; a failed load is not cached, so a retry works;
+- runs: ``st.cache_resource`` keyed on every input of ``compare``.  A
+  :class:`~noln_core.compare.RunResult` is frozen and its arrays read-only, so
+  sessions can share one object without copying it;
+- analyses: ``st.cache_data``, bounded, keyed on the run's key.
+Switching pages or flipping a display toggle therefore never reruns a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import replace
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+import torch
+
+import noln_core
+from noln_core import (
+    LoadedModel, NolnError, RunResult, attention, compare, direct_logit_attribution, head_direct_effects,
+    logit_difference, next_token, residual_norms,
+)
+from noln_core.compare import token_pieces, tokenize
+from noln_core.loading import resolve_device
+from noln_core.registry import REGISTRY, lookup
+from pages._links import DEVICES, DTYPES, MAX_TEXT_CHARS, PRESETS, AppState, parse_query, share_link, to_query, valid_model_spec
+
+MAX_MODELS = 4
+MAX_RUNS = 16
+CUSTOM = "Other (repo id or local directory)…"
+PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+ALLOW_LOCAL = os.environ.get("NOLN_HOSTED", "0") not in ("1", "true")
+
+
+# --------------------------------------------------------------------------- caching
+
+@st.cache_resource(max_entries=MAX_MODELS, show_spinner=False)
+def _load(spec: str, device: str, dtype: str) -> LoadedModel:
+    return noln_core.load_model(spec, device=device, dtype=dtype, allow_local=ALLOW_LOCAL, name=spec)
+
+
+def load(spec: str, device: str, dtype: str) -> LoadedModel:
+    """A ready model from the cache, loading it (with a spinner) the first time."""
+    with st.spinner(f"Loading {spec} (downloading if needed)…"):
+        return _load(spec, device, dtype)
+
+
+RunKey = tuple
+
+
+@st.cache_resource(max_entries=MAX_RUNS, show_spinner=False)
+def _run(key: RunKey, _models: tuple[LoadedModel, ...]) -> RunResult:
+    _, text, answer, counterfactual, position, bos = key
+    return compare(list(_models), text, answer, counterfactual, position, bos)
+
+
+def run(models: tuple[LoadedModel, ...], text: str, answer, counterfactual, position: int, bos: bool) -> tuple[RunKey, RunResult]:
+    key = (tuple((m.info.name, m.info.device, m.info.dtype) for m in models), text, answer, counterfactual, position, bos)
+    with st.spinner("Running the models…"):
+        return key, _run(key, models)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _analysis(kind: str, key: RunKey, _result: RunResult) -> Any:
+    functions = {
+        "next_token": next_token, "logit_diff": logit_difference, "norms": residual_norms,
+        "dla": direct_logit_attribution, "direct_effect": head_direct_effects, "attention": attention,
+    }
+    return functions[kind](_result)
+
+
+def analysis(kind: str) -> Any:
+    """A cached analysis of the current run: next_token, logit_diff, norms, dla, direct_effect or attention."""
+    key, result = st.session_state["_run"]
+    return _analysis(kind, key, result)
+
+
+# --------------------------------------------------------------------------- state
+
+def state() -> AppState:
+    return st.session_state["app_state"]
+
+
+def _set_state(**changes) -> None:
+    st.session_state["app_state"] = replace(state(), **changes)
+
+
+def init_state() -> None:
+    """Once per session: the state from the link's query parameters (validated like widgets)."""
+    if "app_state" not in st.session_state:
+        params = st.query_params.to_dict()
+        st.session_state["app_state"] = parse_query(params, allow_local=ALLOW_LOCAL)
+        st.session_state["_link_notes_shown"] = False
+        st.session_state["_link_page"] = state().page if "page" in params else None
+
+
+def linked_page() -> str | None:
+    """The page a link asked for, once per session (then None)."""
+    return st.session_state.pop("_link_page", None)
+
+
+def sync_query_params(page: str) -> None:
+    """Mirror the current state into the URL, so that copying it reproduces the view."""
+    _set_state(page=page)
+    wanted = to_query(state())
+    if st.query_params.to_dict() != wanted:
+        st.query_params.from_dict(wanted)
+
+
+def share_url() -> str:
+    base = ""
+    try:
+        url = st.context.url or ""
+        base = url.split("?", 1)[0].rsplit("/", 1)[0] if url.count("/") > 2 else url
+    except Exception:  # older Streamlit, or AppTest: a relative link still works
+        base = ""
+    return share_link(state(), base)
+
+
+# --------------------------------------------------------------------------- sidebar
+
+def _model_picker(label: str, slot: str, optional: bool = False) -> str | None:
+    current = getattr(state(), slot)
+    options = list(REGISTRY) + [CUSTOM]
+    if optional:
+        options = ["(none)"] + options
+    if current is None:
+        index = 0
+    elif current in REGISTRY:
+        index = options.index(current)
+    else:
+        index = options.index(CUSTOM)
+
+    def describe(spec: str) -> str:
+        entry = REGISTRY.get(spec)
+        return f"{spec}  ·  {entry.kind.replace('_', ' ')}" if entry else spec
+
+    choice = st.selectbox(label, options, index=index, format_func=describe, key=f"w_{slot}")
+    if choice == "(none)":
+        return None
+    if choice == CUSTOM:
+        typed = st.text_input(f"{label}: repo id[@revision]" + (" or local directory" if ALLOW_LOCAL else ""),
+                              value=current if current and current not in REGISTRY else "", key=f"w_{slot}_custom",
+                              max_chars=512, placeholder="owner/name@revision")
+        if not typed.strip():
+            return current if current not in REGISTRY else None
+        problem = valid_model_spec(typed, ALLOW_LOCAL)
+        if problem:
+            st.error(f"{label}: {problem}")
+            return current if current and current not in REGISTRY else None
+        return typed.strip()
+    entry = REGISTRY[choice]
+    st.caption(f"{entry.description}. Cite: {entry.citation}.")
+    return choice
+
+
+def _device_options() -> list[str]:
+    options = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        options.append("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        options.append("mps")
+    return [d for d in DEVICES if d in options]
+
+
+def sidebar() -> tuple[LoadedModel, ...] | None:
+    """The shared sidebar: models, device, prompt, tokens.  Returns the loaded models, or None after an error box."""
+    s = state()
+    with st.sidebar:
+        st.subheader("Models")
+        model_a = _model_picker("Model A", "model_a")
+        model_b = _model_picker("Model B", "model_b")
+        add_control = st.checkbox("Add a third model (the fine-tuned-with-LN control)", value=s.model_c is not None,
+                                  key="w_add_c", help="Separates the effect of removing LN from ordinary fine-tuning drift.")
+        model_c = None
+        if add_control:
+            if s.model_c is None:
+                entry = lookup(*_split(model_b)) if model_b else None
+                if entry and entry.control:
+                    _set_state(model_c=entry.control)
+            model_c = _model_picker("Model C", "model_c")
+        devices = _device_options()
+        col1, col2 = st.columns(2)
+        device = col1.selectbox("Device", devices, index=devices.index(s.device) if s.device in devices else 0, key="w_device")
+        dtype = col2.selectbox("Dtype", DTYPES, index=DTYPES.index(s.dtype), key="w_dtype",
+                               help="float32 is the default: small logit differences need it.")
+        _set_state(model_a=model_a or s.model_a, model_b=model_b or s.model_b, model_c=model_c, device=device, dtype=dtype)
+
+        st.subheader("Prompt")
+        preset_names = ["(custom)"] + [p.name for p in PRESETS]
+        preset = st.selectbox("Preset", preset_names, key="w_preset")
+        if preset != "(custom)" and st.session_state.get("_applied_preset") != preset:
+            chosen = next(p for p in PRESETS if p.name == preset)
+            st.session_state["_applied_preset"] = preset
+            _set_state(text=chosen.text, answer=chosen.answer, counterfactual=chosen.counterfactual, position=-1)
+            st.session_state["w_text"] = chosen.text
+        if preset == "(custom)":
+            st.session_state["_applied_preset"] = None
+        st.session_state.setdefault("w_text", state().text)
+        text = st.text_area("Text", key="w_text", height=120, max_chars=MAX_TEXT_CHARS)
+        if text != state().text:
+            _set_state(text=text, answer=None, counterfactual=None, position=-1)
+        bos = st.checkbox("Prepend <|endoftext|> (BOS)", value=state().bos, key="w_bos")
+        _set_state(bos=bos)
+
+    specs = [x for x in (state().model_a, state().model_b, state().model_c) if x]
+    models = []
+    for spec in specs:
+        try:
+            models.append(load(spec, state().device, state().dtype))
+        except NolnError as err:
+            st.error(f"Could not load **{_md_safe(spec)}**: {_md_safe(str(err))}", icon=":material/error:")
+            return None
+        except torch.OutOfMemoryError:
+            st.error(f"Out of memory loading {_md_safe(spec)}: pick a smaller model, bfloat16, or the CPU.", icon=":material/error:")
+            return None
+    if not state().text:
+        st.error("The text is empty: type something in the sidebar, or pick a preset.", icon=":material/edit:")
+        return None
+    return tuple(models)
+
+
+def _split(spec: str) -> tuple[str, str | None]:
+    from noln_core.registry import parse_spec
+
+    return parse_spec(spec)
+
+
+def _md_safe(text: str) -> str:
+    """Escape Markdown so user text in a message renders literally (no links, HTML, LaTeX or emphasis)."""
+    out = []
+    for ch in text:
+        if ch in "\\`*_{}[]()#+-.!|<>$~:=&\"'":
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append(" ")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def token_controls(models: tuple[LoadedModel, ...]) -> None:
+    """Position, answer and counterfactual pickers (filled from every model's top-k) and the tokenisation inspector."""
+    s = state()
+    ids = tokenize(models[0], s.text, s.bos)
+    n = min(len(ids), min(m.info.n_ctx for m in models))
+    with st.sidebar:
+        st.subheader("Tokens")
+        if n == 0:
+            return
+        decoded, pieces = token_pieces(models[0], ids[:n])
+        labels = [f"{i}: {decoded[i]!r}" for i in range(n)]
+        pos = s.position % n if -n <= s.position < n else n - 1
+        chosen = st.selectbox("Position analysed", list(range(n)), index=pos, format_func=lambda i: labels[i], key="w_position",
+                              help="The token whose next-token prediction is analysed.")
+        _set_state(position=-1 if chosen == n - 1 else chosen)  # -1 keeps meaning "the last" when the text changes
+        try:
+            _, base = run(models, s.text, None, None, state().position, s.bos)
+        except NolnError as err:
+            st.error(str(err))
+            return
+        p = base.position
+        candidates: list[str] = []
+        for r in base.runs:
+            for tok in r.top_tokens[p]:
+                if tok not in candidates:
+                    candidates.append(tok)
+        answer = _token_picker("Answer", "answer", candidates, default=base.runs[0].top_tokens[p][0])
+        fallback = next((t for t in candidates if t != answer), answer)
+        counterfactual = _token_picker("Counterfactual", "counterfactual", candidates, default=fallback)
+        _set_state(answer=answer, counterfactual=counterfactual)
+        with st.expander("Tokenisation inspector"):
+            st.dataframe(pd.DataFrame({"id": ids[:n], "piece": pieces, "text": [repr(t) for t in decoded]}),
+                         height=min(400, 36 * n + 40))
+            if len(ids) > n:
+                st.caption(f"{len(ids) - n} more tokens are beyond the context window and will be cut.")
+
+
+def _token_picker(label: str, slot: str, candidates: list[str], default: str) -> str:
+    current = getattr(state(), slot) or default
+    options = list(candidates)
+    if current not in options:
+        options.append(current)
+    options.append(CUSTOM)
+    choice = st.selectbox(label, options, index=options.index(current), format_func=lambda t: t if t == CUSTOM else repr(t),
+                          key=f"w_{slot}")
+    if choice == CUSTOM:
+        typed = st.text_input(f"{label} (text; mind the leading space)", value=current, key=f"w_{slot}_custom", max_chars=200)
+        return typed or current
+    return choice
+
+
+# --------------------------------------------------------------------------- the current run
+
+def prepare() -> bool:
+    """Load the models and run them on the current state; False (with an error box shown) when that failed."""
+    models = sidebar()
+    if models is None:
+        st.session_state.pop("_run", None)
+        return False
+    token_controls(models)
+    s = state()
+    try:
+        st.session_state["_run"] = run(models, s.text, s.answer, s.counterfactual, s.position, s.bos)
+    except NolnError as err:
+        st.error(str(err), icon=":material/warning:")
+        st.session_state.pop("_run", None)
+        return False
+    return True
+
+
+def current_run() -> RunResult | None:
+    """The current run for a page, showing its warnings; None (with a message) when there is none."""
+    if "_run" not in st.session_state:
+        st.info("Choose models and a text in the sidebar to see this page.")
+        return None
+    result = st.session_state["_run"][1]
+    for warning in result.warnings:
+        st.warning(warning, icon=":material/warning:")
+    if not st.session_state.get("_link_notes_shown"):
+        for note in state().notes:
+            st.warning(f"Link: {note}", icon=":material/link:")
+        st.session_state["_link_notes_shown"] = True
+    return result
+
+
+# --------------------------------------------------------------------------- page helpers
+
+def figure(fig, name: str, frame: pd.DataFrame | None = None) -> None:
+    """Show a Plotly figure (its toolbar saves a PNG) and offer its data as CSV."""
+    config = {**PLOT_CONFIG, "toImageButtonOptions": {**PLOT_CONFIG["toImageButtonOptions"], "filename": name}}
+    st.plotly_chart(fig, config=config, key=f"fig_{name}")
+    if frame is not None:
+        st.download_button(f"CSV: {name}", frame.to_csv(index=False).encode(), file_name=f"{name}.csv", mime="text/csv",
+                           key=f"csv_{name}")
+
+
+def manifest(result: RunResult) -> dict[str, Any]:
+    """The run manifest: versions, models (sources, revisions, commits), dtype, device, token ids."""
+    return {
+        "app": "noLN Explorer", "noln_core_version": noln_core.__version__, "streamlit_version": st.__version__,
+        "torch_version": torch.__version__, "python": platform.python_version(),
+        "models": [{"name": r.info.name, "source": r.info.source, "revision": r.info.revision, "commit": r.info.commit,
+                    "ln_free": r.info.ln_free, "dtype": r.info.dtype, "device": r.info.device} for r in result.runs],
+        "text": result.text, "token_ids": [int(i) for i in result.token_ids], "prepend_bos": result.prepend_bos,
+        "position": result.position,
+        "answer": result.target.answer if result.target else None,
+        "counterfactual": result.target.counterfactual if result.target else None,
+        "link": share_url(),
+    }
+
+
+def share_and_export() -> None:
+    """Sidebar footer: the link that reproduces this view, and the run manifest."""
+    with st.sidebar:
+        st.subheader("Share")
+        st.caption("Copy this link (button at its right) to reopen exactly this view.")
+        st.code(share_url(), language=None, wrap_lines=True)
+        if "_run" in st.session_state:
+            st.download_button("Run manifest (JSON)", json.dumps(manifest(st.session_state["_run"][1]), indent=2),
+                               file_name="noln-run-manifest.json", mime="application/json", key="manifest")
+
+
+def model_names() -> list[str]:
+    return [r.name for r in st.session_state["_run"][1].runs]
+
+
+def resolved_device() -> str:
+    return str(resolve_device(state().device))

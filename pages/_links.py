@@ -1,0 +1,178 @@
+"""The app's shareable state: defaults, presets, and strict parsing of query parameters.
+
+Pure Python (no Streamlit), so that the parser can be tested and fuzzed on
+its own.  Query parameters get the same validation as widgets: anything
+invalid is dropped with a one-line note, never an exception.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlencode
+
+from noln_core.loading import is_valid_repo_id
+from noln_core.registry import DEFAULT_PAIR, REGISTRY, parse_spec
+
+MAX_TEXT_CHARS = 20_000
+"""Longer text is cut here before tokenising (and to the context window after)."""
+PAGES = ("overview", "logit-difference", "residual-norms", "attribution", "attention", "about")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    text: str
+    answer: str
+    counterfactual: str
+    note: str
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("IOI (indirect object identification)",
+           "When Mary and John went to the store, John gave a drink to", " Mary", " John",
+           "The indirect object (Mary) should beat the repeated subject (John)."),
+    Preset("Factual recall", "The Eiffel Tower is located in the city of", " Paris", " London",
+           "Recall of a fact from the training data."),
+    Preset("Induction: repeated random words",
+           " pumpkin orbit velvet canyon lantern quartz violin harbor glacier"
+           " pumpkin orbit velvet canyon lantern quartz violin harbor", " glacier", " pumpkin",
+           "A random word sequence seen once: induction heads copy the word that followed last time."),
+    Preset("Rare tokens: tab and form feed", "Name:\tAlice\x0cAge:\t42\n\n\n\tCity:\t", " Paris", "\t",
+           "Tab and form-feed runs are rare in OpenWebText; in LN-free GPT-2 XL their residual norm explodes."),
+)
+
+
+@dataclass(frozen=True)
+class AppState:
+    """Everything a link carries."""
+
+    model_a: str = DEFAULT_PAIR[0]
+    model_b: str = DEFAULT_PAIR[1]
+    model_c: str | None = None
+    text: str = PRESETS[0].text
+    answer: str | None = PRESETS[0].answer
+    counterfactual: str | None = PRESETS[0].counterfactual
+    position: int = -1
+    bos: bool = True
+    device: str = "auto"
+    dtype: str = "float32"
+    page: str = "overview"
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    """Why parts of a link were ignored, one line each."""
+
+
+def default_state() -> AppState:
+    """Defaults, with ``NOLN_DEFAULT_MODELS="A,B[,C]"`` overriding the model pair (offline use, tests)."""
+    state = AppState()
+    env = os.environ.get("NOLN_DEFAULT_MODELS", "").strip()
+    if env:
+        specs = [s.strip() for s in env.split(",") if s.strip()]
+        if len(specs) >= 2:
+            state = replace(state, model_a=specs[0], model_b=specs[1], model_c=specs[2] if len(specs) > 2 else None)
+    return state
+
+
+def valid_model_spec(spec: str, allow_local: bool = True) -> str | None:
+    """None if ``spec`` may be loaded, else why not (one line).  No network, no file reads beyond ``exists``."""
+    if not isinstance(spec, str) or not spec.strip() or len(spec) > 512 or "\x00" in spec:
+        return "an empty or malformed model"
+    spec = spec.strip()
+    if spec in REGISTRY:
+        return None
+    if Path(os.path.expanduser(spec)).is_dir():
+        return None if allow_local else "local directories are disabled here"
+    source, revision = parse_spec(spec)
+    if not is_valid_repo_id(source):
+        return f"{spec[:60]!r} is neither a known model, a local directory nor a hub repo id"
+    if revision is not None and not all(c.isalnum() or c in "._-/" for c in revision):
+        return f"revision {revision[:40]!r} is malformed"
+    return None
+
+
+def _first(value) -> str | None:
+    if isinstance(value, (list, tuple)):
+        value = value[-1] if value else None
+    return value if isinstance(value, str) else None
+
+
+def parse_query(params, allow_local: bool = True, base: AppState | None = None) -> AppState:
+    """An :class:`AppState` from query parameters; invalid entries are ignored and explained in ``notes``."""
+    state = base or default_state()
+    notes: list[str] = []
+    changes: dict = {}
+    get = (lambda k: _first(params.get(k))) if hasattr(params, "get") else (lambda k: None)
+    for key in ("model_a", "model_b", "model_c"):
+        spec = get(key)
+        if spec is None:
+            continue
+        if key == "model_c" and spec.strip() in ("", "none"):
+            changes[key] = None
+            continue
+        problem = valid_model_spec(spec, allow_local)
+        if problem:
+            notes.append(f"ignored {key}: {problem}")
+        else:
+            changes[key] = spec.strip()
+    text = get("text")
+    if text is not None:
+        if "\x00" in text:
+            notes.append("removed NUL characters from the text")
+            text = text.replace("\x00", "")
+        if len(text) > MAX_TEXT_CHARS:
+            notes.append(f"the text was cut to {MAX_TEXT_CHARS} characters")
+            text = text[:MAX_TEXT_CHARS]
+        if text:
+            changes["text"] = text
+            # A link with new text but no tokens should not inherit the preset's tokens.
+            changes["answer"] = changes["counterfactual"] = None
+    for key in ("answer", "counterfactual"):
+        value = get(key)
+        if value is not None:
+            if 0 < len(value) <= 200 and "\x00" not in value:
+                changes[key] = value
+            else:
+                notes.append(f"ignored {key}: it must be 1 to 200 characters")
+    position = get("position")
+    if position is not None:
+        try:
+            pos = int(position)
+            if not -100_000 <= pos < 100_000:
+                raise ValueError
+            changes["position"] = pos
+        except ValueError:
+            notes.append(f"ignored position {position[:20]!r}: not an integer")
+    bos = get("bos")
+    if bos is not None:
+        if bos in ("0", "1", "true", "false"):
+            changes["bos"] = bos in ("1", "true")
+        else:
+            notes.append("ignored bos: use 1 or 0")
+    for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("page", PAGES)):
+        value = get(key)
+        if value is not None:
+            if value in allowed:
+                changes[key] = value
+            else:
+                notes.append(f"ignored {key} {value[:20]!r}: use one of {', '.join(allowed)}")
+    return replace(state, **changes, notes=tuple(notes))
+
+
+def to_query(state: AppState) -> dict[str, str]:
+    """The query parameters that reproduce ``state`` (defaults included, so links survive default changes)."""
+    query = {"model_a": state.model_a, "model_b": state.model_b}
+    if state.model_c:
+        query["model_c"] = state.model_c
+    query["text"] = state.text
+    if state.answer is not None and state.counterfactual is not None:
+        query["answer"], query["counterfactual"] = state.answer, state.counterfactual
+    query.update({"position": str(state.position), "bos": "1" if state.bos else "0", "device": state.device,
+                  "dtype": state.dtype, "page": state.page})
+    return query
+
+
+def share_link(state: AppState, base_url: str = "") -> str:
+    return f"{base_url.rstrip('/')}/?{urlencode(to_query(state))}"

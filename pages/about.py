@@ -1,0 +1,62 @@
+"""About: what LN-free models are, the papers' numbers, how to cite."""
+
+import streamlit as st
+
+import noln_core
+
+st.header("About noLN Explorer")
+st.markdown(
+    """
+**LayerNorm-free GPT-2.** Every LayerNorm divides the residual stream by its own standard deviation, which makes a
+transformer nonlinear from the residual stream to the logits. Heimersheim (2024) showed that GPT-2 can be
+fine-tuned to do without it: each LN is replaced by a frozen scale, one at a time, while training continues.
+Baroni et al. (2025) did it for every GPT-2 size. Without LN the map from the residual stream to the logits is
+affine, so **direct logit attribution is exact**.
+
+The published checkpoints are ordinary `GPT2LMHeadModel`s that neutralise LN by a trick (LN weight ×1e6, eps
+1e12). This app detects the trick from the checkpoint and runs the model with no normalisation at all; it also
+keeps the final LN's bias as an explicit constant term of every attribution.
+"""
+)
+st.subheader("Headline numbers")
+st.markdown("Heimersheim 2024 (GPT-2 small, `apollo-research/gpt2_noLN`), cross-entropy and accuracy:")
+st.table({
+    "": ["OpenWebText CE", "The Pile CE", "HellaSwag"],
+    "original GPT-2": ["3.095", "2.856", "29.56%"],
+    "fine-tuned with LN": ["2.989", "2.880", "29.82%"],
+    "fine-tuned without LN": ["3.014", "2.926", "29.54%"],
+})
+st.markdown("Baroni et al. 2025, cross-entropy as original / fine-tuned with LN / LN-free:")
+st.table({
+    "model": ["small", "medium", "large", "xl"],
+    "OpenWebText": ["3.1006 / 3.0126 / 3.0797", "2.8145 / 2.7390 / 2.7642", "2.6623 / 2.6240 / 2.6384",
+                    "2.5567 / 2.4799 / 2.5052"],
+    "Pile-filtered": ["2.7899 / 2.8112 / 2.8757", "2.5390 / 2.5724 / 2.6352", "2.4347 / 2.5074 / 2.5159",
+                      "2.3739 / 2.3821 / 2.3992"],
+})
+st.markdown(
+    """
+- **DLA against the true direct effect** (normalised mean absolute error over all heads of GPT-2 small):
+  49.07% original, 57.85% fine-tuned with LN, **0.00%** LN-free.
+- **First-token residual norm**: about 3,100–3,600 with LN; about 300–500 in every layer without.
+- **Attention-sink rate** (GPT-2 medium): 55.3% → 45.3%.
+- **Exploding norms**: LN-free GPT-2 XL's Pile loss is 130.22 on average because of three samples of tab and
+  form-feed runs, rare in OpenWebText; try the "Rare tokens" preset.
+
+**Papers**
+
+- Stefan Heimersheim, 2024. *You can remove GPT2's LayerNorm by fine-tuning.* arXiv:2409.13710.
+- Luca Baroni, Galvin Khara, Joachim Schaeffer, Marat Subkhankulov, Stefan Heimersheim, 2025.
+  *Transformers Don't Need LayerNorm at Inference Time.* arXiv:2507.02559.
+"""
+)
+st.subheader("How to cite this app")
+st.code(
+    f"""@software{{noln_explorer,
+  title   = {{noLN Explorer: GPT-2 beside its LayerNorm-free fine-tunes}},
+  version = {{{noln_core.__version__}}},
+  year    = {{2026}},
+  note    = {{Built on Heimersheim (2024), arXiv:2409.13710, and Baroni et al. (2025), arXiv:2507.02559}}
+}}""",
+    language="bibtex",
+)
