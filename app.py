@@ -25,7 +25,5 @@ if wanted in PAGES and PAGES[wanted].url_path != page.url_path:
 
 st.sidebar.title("noLN Explorer")
 app.prepare()
-current = next(name for name, p in PAGES.items() if p.url_path == page.url_path)
-app.sync_query_params(current)
-app.share_and_export()
+app.entered_through_app()
 page.run()

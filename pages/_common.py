@@ -110,12 +110,26 @@ def linked_page() -> str | None:
     return st.session_state.pop("_link_page", None)
 
 
-def sync_query_params(page: str) -> None:
-    """Mirror the current state into the URL, so that copying it reproduces the view."""
-    _set_state(page=page)
+def entered_through_app() -> None:
+    """app.py marks each run, so that a page can tell it was not started by Streamlit's legacy ``pages/`` runner."""
+    st.session_state["_via_app"] = True
+
+
+def page(name: str) -> None:
+    """Called first by every page: record it, mirror the state into the URL, offer the link and the manifest.
+
+    Streamlit runs a ``pages/`` script on its own (its pre-``st.navigation``
+    mode) for the first request of a fresh process, and in ``AppTest``.  Such
+    a run is sent through app.py, which then opens this page.
+    """
+    if not st.session_state.pop("_via_app", False):
+        st.session_state["_link_page"] = name
+        st.switch_page("app.py")
+    _set_state(page=name)
     wanted = to_query(state())
     if st.query_params.to_dict() != wanted:
         st.query_params.from_dict(wanted)
+    share_and_export()
 
 
 def share_url() -> str:
@@ -346,7 +360,7 @@ def figure(fig, name: str, frame: pd.DataFrame | None = None) -> None:
                            key=f"csv_{name}")
 
 
-def manifest(result: RunResult) -> dict[str, Any]:
+def manifest(result: RunResult, link: str = "") -> dict[str, Any]:
     """The run manifest: versions, models (sources, revisions, commits), dtype, device, token ids."""
     return {
         "app": "noLN Explorer", "noln_core_version": noln_core.__version__, "streamlit_version": st.__version__,
@@ -357,7 +371,7 @@ def manifest(result: RunResult) -> dict[str, Any]:
         "position": result.position,
         "answer": result.target.answer if result.target else None,
         "counterfactual": result.target.counterfactual if result.target else None,
-        "link": share_url(),
+        "link": link,
     }
 
 
@@ -368,7 +382,7 @@ def share_and_export() -> None:
         st.caption("Copy this link (button at its right) to reopen exactly this view.")
         st.code(share_url(), language=None, wrap_lines=True)
         if "_run" in st.session_state:
-            st.download_button("Run manifest (JSON)", json.dumps(manifest(st.session_state["_run"][1]), indent=2),
+            st.download_button("Run manifest (JSON)", json.dumps(manifest(st.session_state["_run"][1], share_url()), indent=2),
                                file_name="noln-run-manifest.json", mime="application/json", key="manifest")
 
 

@@ -6,6 +6,7 @@ from noln_core import figures, tables
 from noln_core.attribution import exactness_tolerance
 from pages import _common as app
 
+app.page("attribution")
 st.header("Attribution: who wrote the logit difference?")
 result = app.current_run()
 if result is not None:

@@ -5,6 +5,7 @@ import streamlit as st
 from noln_core import figures, tables
 from pages import _common as app
 
+app.page("logit-difference")
 st.header("Logit difference and its logit lens")
 result = app.current_run()
 if result is not None:

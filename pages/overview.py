@@ -6,6 +6,7 @@ import streamlit as st
 from noln_core import figures, tables
 from pages import _common as app
 
+app.page("overview")
 st.header("Overview: what each model predicts")
 result = app.current_run()
 if result is not None:

@@ -5,6 +5,7 @@ import streamlit as st
 from noln_core import figures, tables
 from pages import _common as app
 
+app.page("residual-norms")
 st.header("Residual-stream norms")
 result = app.current_run()
 if result is not None:

@@ -1,0 +1,245 @@
+"""AppTest drives every page on tiny checkpoints; values shown equal noln_core's, and no exception appears."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from helpers import PROMPTS
+from noln_core import (
+    attention, compare, direct_logit_attribution, head_direct_effects, load_model, logit_difference, next_token,
+    residual_norms,
+)
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PAGES = ["pages/overview.py", "pages/logit_difference.py", "pages/residual_norms.py", "pages/attribution.py",
+         "pages/attention.py", "pages/about.py"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def navigation_mode():
+    """Run AppTest as the server runs after its first request: in ``st.navigation`` mode.
+
+    Streamlit picks its legacy ``pages/`` runner while a ``pages/`` folder exists and
+    ``st.navigation`` has not yet run in the process; the server leaves that mode
+    for good on its first run, but AppTest re-enters it on every ``run()``, which
+    drops widget changes made after a page switch.  (The first-request path
+    itself is covered by ``test_legacy_first_request_is_sent_through_the_app``.)
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(PagesManager, "__init__", init)
+    yield
+    patch.undo()
+
+
+def make_app(ln_dir, noln_dir, **params) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({"model_a": str(ln_dir), "model_b": str(noln_dir), "device": "cpu", **params})
+    return at
+
+
+def metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def assert_clean(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.fixture(scope="module")
+def expected(ln_dir, noln_dir):
+    models = [load_model(str(ln_dir), device="cpu", name=str(ln_dir)), load_model(str(noln_dir), device="cpu", name=str(noln_dir))]
+    return compare(models, PROMPTS[0], " Mary", " John")
+
+
+@pytest.fixture(scope="module")
+def app(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir)
+    at.run()
+    return at
+
+
+def test_overview_shows_the_library_values(app, expected):
+    assert_clean(app)
+    nt = next_token(expected)
+    shown = metrics(app)
+    for m in nt.models:
+        assert shown[f"Mean loss · {m.name}"] == f"{m.mean_loss:.3f} nats"
+    pair = nt.pairs[0]
+    assert shown[f"Top-1 agreement · {pair.a} vs {pair.b}"] == f"{pair.agreement:.1%}"
+    assert len(app.get("plotly_chart")) == 2
+
+
+def test_every_page_renders_without_exception(app, expected):
+    dla = direct_logit_attribution(expected)
+    de = head_direct_effects(expected)
+    lens = logit_difference(expected)
+    norms = residual_norms(expected)
+    sinks = attention(expected)
+    for page in PAGES:
+        app.switch_page(page).run()
+        assert_clean(app)
+        shown = metrics(app)
+        if page.endswith("logit_difference.py"):
+            for m in lens.models:
+                assert shown[f"{m.name} ({'LN-free' if m.ln_free else 'with LN'})"] == f"{m.value:+.4f}"
+        if page.endswith("attribution.py"):
+            for d, e in zip(dla, de):
+                assert shown[f"{d.name}: components + constant"] == f"{d.values.sum() + d.constant:+.5f}"
+                assert any(f"NMAE {e.nmae:.2%}" in c.value for c in app.caption)
+            assert abs(dla[1].values.sum() + dla[1].constant - dla[1].logit_diff) <= 1e-4
+            assert len(app.get("plotly_chart")) == 4
+        if page.endswith("residual_norms.py"):
+            for m in norms:
+                assert shown[f"Max first-token norm · {m.name}"] == f"{m.first_token_max:,.1f}"
+        if page.endswith("attention.py"):
+            for s in sinks:
+                assert shown[f"Sink rate · {s.name}"] == f"{s.sink_rate:.1%}"
+        if page.endswith("about.py"):
+            assert any("2409.13710" in m.value for m in app.markdown) and any("2507.02559" in m.value for m in app.markdown)
+
+
+def test_query_params_mirror_the_view(app, ln_dir):
+    app.switch_page("pages/attribution.py").run()
+    params = app.query_params
+    assert params["model_a"] == str(ln_dir) and params["answer"] == " Mary" and params["page"] == "attribution"
+    assert params["text"] == PROMPTS[0] and params["position"] == "-1"
+
+
+def test_a_link_restores_the_view(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir, text=PROMPTS[1], answer=" Paris", counterfactual=" London", position="5",
+                  page="logit-difference", bos="1")
+    at.run()
+    assert_clean(at)
+    assert at.query_params["page"] == "logit-difference"
+    assert at.sidebar.text_area(key="w_text").value == PROMPTS[1]
+    assert at.sidebar.selectbox(key="w_answer").value == " Paris"
+    assert at.sidebar.selectbox(key="w_position").value == 5
+    expected = compare([load_model(str(ln_dir), device="cpu"), load_model(str(noln_dir), device="cpu")],
+                       PROMPTS[1], " Paris", " London", position=5)
+    value = logit_difference(expected).models[0].value
+    assert f"{value:+.4f}" in metrics(at).values()
+
+
+def test_bad_model_gives_an_error_box_and_keeps_the_text(ln_dir, tmp_path):
+    at = make_app(ln_dir, tmp_path, text="my precious words")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    at.run()
+    assert not at.exception
+    assert any("llama" in e.value for e in at.error)
+    assert at.sidebar.text_area(key="w_text").value == "my precious words"
+
+
+def test_invalid_link_parameters_are_explained(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir, position="abc", dtype="float8", model_c="bad id!!")
+    at.run()
+    assert_clean(at)
+    notes = " ".join(w.value for w in at.warning)
+    assert "position" in notes and "dtype" in notes and "model_c" in notes
+
+
+def test_long_text_is_truncated_with_a_notice(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir, text=" word" * 200)
+    at.run()
+    assert_clean(at)
+    assert any("only the first 64" in w.value for w in at.warning)
+
+
+def test_multi_token_answer_and_identical_tokens_are_flagged(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir, text=PROMPTS[0], answer=" Maryanne Smithsonian", counterfactual=" Maryanne Smithsonian")
+    at.run()
+    assert_clean(at)
+    warnings = " ".join(w.value for w in at.warning)
+    assert "' Maryanne Smithsonian' is" in warnings and "first token" in warnings and "same token" in warnings
+
+
+def test_empty_text_gives_an_error_box(app):
+    app.sidebar.text_area(key="w_text").set_value("").run()
+    assert not app.exception and any("empty" in e.value for e in app.error)
+    app.sidebar.text_area(key="w_text").set_value(PROMPTS[0]).run()
+    assert_clean(app)
+
+
+def test_presets_fill_text_and_tokens(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir)
+    at.run()
+    at.sidebar.selectbox(key="w_preset").set_value("Factual recall").run()
+    assert_clean(at)
+    assert at.sidebar.text_area(key="w_text").value.startswith("The Eiffel Tower")
+    assert at.query_params["answer"] == " Paris" and at.query_params["counterfactual"] == " London"
+
+
+def test_third_model_defaults_to_nothing_and_can_be_added(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir, model_c=str(ln_dir))
+    at.run()
+    assert_clean(at)
+    assert len([m for m in at.metric if m.label.startswith("Mean loss")]) == 3
+
+
+def test_switching_pages_reuses_the_run(app, monkeypatch):
+    """A cache hit does not call any model: switching pages and toggles reruns nothing."""
+    from noln_core.model import LoadedModel
+
+    app.switch_page("pages/overview.py").run()
+    calls = []
+    original = LoadedModel.forward
+    monkeypatch.setattr(LoadedModel, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    for page in PAGES:
+        app.switch_page(page).run()
+    app.switch_page("pages/residual_norms.py").run()
+    app.toggle(key="norms_bos").set_value(False).run()
+    assert_clean(app)
+    assert calls == []
+
+
+def test_manifest_describes_the_run(app, expected):
+    from pages import _common
+
+    manifest = _common.manifest(expected, "http://localhost/?x=1")
+    assert manifest["token_ids"] == [int(i) for i in expected.token_ids]
+    assert [m["ln_free"] for m in manifest["models"]] == [False, True]
+    assert manifest["noln_core_version"] and manifest["torch_version"] and manifest["link"] == "http://localhost/?x=1"
+    assert any(b.label == "Run manifest (JSON)" for b in app.sidebar.get("download_button"))
+
+
+def test_tokenisation_inspector_lists_every_token(app, expected):
+    frames = [df.value for df in app.sidebar.dataframe]
+    inspector = next(f for f in frames if "piece" in f.columns)
+    assert list(inspector["id"]) == [int(i) for i in expected.token_ids]
+    assert list(inspector["piece"]) == list(expected.pieces)
+
+
+def test_legacy_first_request_is_sent_through_the_app(ln_dir, noln_dir):
+    """A fresh server's first request for /attribution runs the page script alone; it must end on the full app."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    at = make_app(ln_dir, noln_dir)
+    at.run()
+    original = PagesManager.__init__
+
+    def legacy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = True
+
+    PagesManager.__init__ = legacy
+    try:
+        at.switch_page("pages/attribution.py").run()
+    finally:
+        PagesManager.__init__ = original
+    assert_clean(at)
+    assert [h.value for h in at.header] == ["Attribution: who wrote the logit difference?"]
+    assert at.sidebar.text_area(key="w_text").value == PROMPTS[0]
+    assert at.query_params["page"] == "attribution"
