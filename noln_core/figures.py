@@ -52,6 +52,12 @@ def _position_axis(fig: go.Figure, tokens: Sequence[str], row=None, col=None, of
                      ticktext=[token_label(tokens[t]) for t in ticks], tickangle=-60, row=row, col=col)
 
 
+def _grid_axes(fig: go.Figure, n_layers: int, n_heads: int) -> None:
+    """Integer ticks on layer × head grids, thinned for the large models."""
+    fig.update_xaxes(title_text="head", dtick=max(1, math.ceil(n_heads / 25)))
+    fig.update_yaxes(title_text="layer", dtick=max(1, math.ceil(n_layers / 25)), autorange="reversed")
+
+
 def _symmetric(*arrays: np.ndarray) -> float:
     finite = [np.abs(a[np.isfinite(a)]).max() for a in arrays if a is not None and np.isfinite(a).any()]
     return float(max(finite)) if finite and max(finite) > 0 else 1.0
@@ -208,8 +214,7 @@ def head_heatmaps(dlas: Sequence[DirectLogitAttribution]) -> go.Figure:
         fig.add_trace(go.Heatmap(z=g, zmin=-bound, zmax=bound, zmid=0, colorscale=DIVERGING, showscale=i == 0,
                                  colorbar=dict(title="DLA"),
                                  hovertemplate="L%{y} H%{x}<br>%{z:+.4f}<extra></extra>"), row=1, col=i + 1)
-        fig.update_xaxes(title_text="head", row=1, col=i + 1)
-    fig.update_yaxes(title_text="layer", autorange="reversed")
+    _grid_axes(fig, *grids[0].shape)
     fig.update_layout(title="DLA per head (one symmetric scale for all panels)", height=420)
     return fig
 
@@ -227,7 +232,7 @@ def head_source_heatmaps(dlas: Sequence[DirectLogitAttribution], layer: int, tok
                                  hovertemplate=f"L{layer}H%{{y}} from pos %{{x}} %{{customdata}}<br>%{{z:+.4f}}<extra></extra>"),
                       row=i + 1, col=1)
         _position_axis(fig, tokens, row=i + 1, col=1)
-        fig.update_yaxes(title_text="head", row=i + 1, col=1)
+        fig.update_yaxes(title_text="head", dtick=max(1, math.ceil(g.shape[0] / 25)), row=i + 1, col=1)
     fig.update_layout(title=f"Layer {layer}: DLA of each head by source token", height=260 * len(dlas) + 120)
     return fig
 
@@ -282,7 +287,6 @@ def sink_heatmaps(summaries: Sequence[AttentionSummary]) -> go.Figure:
                                  colorbar=dict(title="to first"),
                                  hovertemplate="L%{y} H%{x}<br>%{z:.3f} of attention on position 0<extra></extra>"),
                       row=1, col=i + 1)
-        fig.update_xaxes(title_text="head", row=1, col=i + 1)
-    fig.update_yaxes(title_text="layer", autorange="reversed")
+    _grid_axes(fig, *summaries[0].to_first.shape)
     fig.update_layout(title=f"Attention to the first token (sink: ≥ {summaries[0].threshold:.0%})", height=420)
     return fig

@@ -34,7 +34,9 @@ from noln_core import (
 from noln_core.compare import token_pieces, tokenize
 from noln_core.loading import resolve_device
 from noln_core.registry import REGISTRY, lookup
-from pages._links import DEVICES, DTYPES, MAX_TEXT_CHARS, PRESETS, AppState, parse_query, share_link, to_query, valid_model_spec
+from pages._links import (
+    DEVICES, DTYPES, MAX_TEXT_CHARS, PRESETS, AppState, display_name, parse_query, share_link, to_query, valid_model_spec,
+)
 
 MAX_MODELS = 4
 MAX_RUNS = 16
@@ -47,7 +49,7 @@ ALLOW_LOCAL = os.environ.get("NOLN_HOSTED", "0") not in ("1", "true")
 
 @st.cache_resource(max_entries=MAX_MODELS, show_spinner=False)
 def _load(spec: str, device: str, dtype: str) -> LoadedModel:
-    return noln_core.load_model(spec, device=device, dtype=dtype, allow_local=ALLOW_LOCAL, name=spec)
+    return noln_core.load_model(spec, device=device, dtype=dtype, allow_local=ALLOW_LOCAL, name=display_name(spec))
 
 
 def load(spec: str, device: str, dtype: str) -> LoadedModel:
@@ -66,7 +68,9 @@ def _run(key: RunKey, _models: tuple[LoadedModel, ...]) -> RunResult:
 
 
 def run(models: tuple[LoadedModel, ...], text: str, answer, counterfactual, position: int, bos: bool) -> tuple[RunKey, RunResult]:
-    key = (tuple((m.info.name, m.info.device, m.info.dtype) for m in models), text, answer, counterfactual, position, bos)
+    # Keyed on what the models are (source, revision, commit), not their display names, which need not be unique.
+    identity = tuple((m.info.source, m.info.revision, m.info.commit, m.info.device, m.info.dtype) for m in models)
+    key = (identity, text, answer, counterfactual, position, bos)
     with st.spinner("Running the models…"):
         return key, _run(key, models)
 

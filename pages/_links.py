@@ -93,6 +93,12 @@ def valid_model_spec(spec: str, allow_local: bool = True) -> str | None:
     return None
 
 
+def display_name(spec: str) -> str:
+    """A short name for menus and charts: a local directory shows its folder name, a hub model its spec."""
+    path = Path(os.path.expanduser(spec))
+    return path.name if path.is_dir() else spec
+
+
 def _first(value) -> str | None:
     if isinstance(value, (list, tuple)):
         value = value[-1] if value else None

@@ -61,7 +61,7 @@ def assert_clean(at) -> None:
 
 @pytest.fixture(scope="module")
 def expected(ln_dir, noln_dir):
-    models = [load_model(str(ln_dir), device="cpu", name=str(ln_dir)), load_model(str(noln_dir), device="cpu", name=str(noln_dir))]
+    models = [load_model(str(ln_dir), device="cpu", name=ln_dir.name), load_model(str(noln_dir), device="cpu", name=noln_dir.name)]
     return compare(models, PROMPTS[0], " Mary", " John")
 
 

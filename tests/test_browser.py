@@ -1,0 +1,123 @@
+"""End to end: a real headless Chromium (Debian's, driven by Playwright) against the running app.
+
+It opens the app on tiny checkpoints, waits for the charts, switches pages through the sidebar,
+checks the figures rendered and no exception box appeared, and saves screenshots to
+``artifacts/screenshots``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "artifacts" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+PAGES = [("Overview", "Overview: what each model predicts", 2), ("Logit difference", "Logit difference and its logit lens", 1),
+         ("Residual norms", "Residual-stream norms", 3), ("Attribution", "Attribution: who wrote the logit difference?", 4),
+         ("Attention", "Attention and attention sinks", 2), ("About", "About noLN Explorer", 0)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ln_dir, noln_dir):
+    port = _free_port()
+    env = {**os.environ, "NOLN_DEFAULT_MODELS": f"{ln_dir},{noln_dir}", "HF_HUB_OFFLINE": "1", "NOLN_HOSTED": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + (proc.stdout.read() if proc.stdout else ""))
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "install Debian's chromium (apt-get install chromium); .ci/run does"
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+def _wait_for_charts(page, count: int) -> None:
+    page.wait_for_function(
+        f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {count}", timeout=90_000)
+
+
+def _assert_no_exception(page) -> None:
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert page.locator("[data-testid='stAlertContentError']").count() == 0
+
+
+def test_pages_render_in_a_real_browser(server, browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(server)
+    _wait_for_charts(page, 2)
+    for title, heading, charts in PAGES:
+        page.locator("[data-testid='stSidebarNav'] a", has_text=title).first.click()
+        page.get_by_role("heading", name=heading).wait_for(timeout=60_000)
+        if charts:
+            _wait_for_charts(page, charts)
+        page.wait_for_timeout(500)
+        _assert_no_exception(page)
+        assert page.locator(".js-plotly-plot").count() >= charts
+        page.screenshot(path=str(SHOTS / f"{title.lower().replace(' ', '-')}.png"))
+    assert "page=about" in page.url
+
+
+def test_a_shared_link_opens_the_same_view(server, browser, ln_dir, noln_dir):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    query = urlencode({"model_a": str(ln_dir), "model_b": str(noln_dir), "text": "The Eiffel Tower is located in the city of",
+                       "answer": " Paris", "counterfactual": " London", "page": "attribution"})
+    page.goto(f"{server}/?{query}")
+    page.get_by_role("heading", name="Attribution: who wrote the logit difference?").wait_for(timeout=60_000)
+    _wait_for_charts(page, 4)
+    _assert_no_exception(page)
+    assert page.locator("textarea").first.input_value() == "The Eiffel Tower is located in the city of"
+    assert "answer=+Paris" in page.url or "answer=%20Paris" in page.url
+
+
+def test_user_html_is_shown_as_text(server, browser, ln_dir, noln_dir):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    hostile = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script> **bold** $x$"
+    page.goto(f"{server}/?{urlencode({'model_a': str(ln_dir), 'model_b': str(noln_dir), 'text': hostile})}")
+    _wait_for_charts(page, 2)
+    page.wait_for_timeout(1000)
+    _assert_no_exception(page)
+    assert page.title() != "pwned"
+    assert page.locator("img[src='x']").count() == 0

@@ -1,0 +1,92 @@
+"""Figure and table builders show the analyses' numbers, safely labelled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import PROMPTS
+from noln_core import (
+    attention, compare, direct_logit_attribution, figures, head_direct_effects, logit_difference, next_token,
+    residual_norms, tables,
+)
+
+
+@pytest.fixture(scope="module")
+def result(ln_model, noln_model):
+    return compare([ln_model, noln_model], "<script>alert(1)</script> and <img src=x onerror=alert(2)>\t\x0c end",
+                   " Mary", " John")
+
+
+def test_token_labels_are_escaped_and_visible():
+    assert figures.token_label("<b>") == "&lt;b&gt;"
+    assert figures.token_label(" a\tb\n") == "␣a⇥b↵"
+    assert figures.token_label("\x0c") == "␌" and figures.token_label("\x01") == "\\x01"
+    assert figures.token_label("x" * 40).endswith("…")
+
+
+def test_no_raw_html_from_user_text_in_any_figure(result):
+    nt, norms, dla = next_token(result), residual_norms(result), direct_logit_attribution(result)
+    figs = [
+        figures.loss_strip(nt, result.tokens), figures.divergence_chart(nt, result.tokens),
+        figures.norm_heatmaps(norms, result.tokens), figures.norm_ratio_heatmap(norms, result.tokens),
+        figures.ln_scale_heatmap(norms[0], result.tokens), figures.head_source_heatmaps(dla, 2, result.tokens),
+        figures.attention_patterns(attention(result), 1, 2, result.tokens),
+    ]
+    for fig in figs:
+        text = fig.to_json()
+        assert "<script>" not in text and "<img" not in text
+
+
+def test_head_heatmaps_use_one_symmetric_scale(result):
+    dla = direct_logit_attribution(result)
+    fig = figures.head_heatmaps(dla)
+    assert len(fig.data) == 3
+    np.testing.assert_allclose(fig.data[0].z, dla[0].heads)
+    np.testing.assert_allclose(fig.data[2].z, dla[1].heads - dla[0].heads)
+    bounds = {(t.zmin, t.zmax) for t in fig.data}
+    assert len(bounds) == 1 and next(iter(bounds))[0] == -next(iter(bounds))[1]
+    assert fig.data[0].colorscale == fig.data[2].colorscale
+
+
+def test_scatter_plots_dla_against_direct_effect(result):
+    effects = head_direct_effects(result)
+    fig = figures.dla_vs_direct_effect(effects)
+    np.testing.assert_allclose(fig.data[2].x, effects[1].direct_effect.ravel())
+    np.testing.assert_allclose(fig.data[2].y, effects[1].dla.ravel())
+    assert f"NMAE {effects[1].nmae:.2%}" in fig.data[2].name
+
+
+def test_norm_heatmaps_share_a_log_scale_and_can_drop_bos(result):
+    norms = residual_norms(result)
+    fig = figures.norm_heatmaps(norms, result.tokens, include_bos=False)
+    assert fig.data[0].zmin == fig.data[1].zmin and fig.data[0].zmax == fig.data[1].zmax
+    np.testing.assert_allclose(fig.data[1].z, np.log10(norms[1].hidden[:, 1:]), rtol=1e-6)
+
+
+def test_ln_scale_heatmap_refuses_ln_free_models(result):
+    with pytest.raises(ValueError, match="LN-free"):
+        figures.ln_scale_heatmap(residual_norms(result)[1], result.tokens)
+
+
+def test_lens_chart_plots_the_lens(result):
+    analysis = logit_difference(result)
+    fig = figures.logit_lens_chart(analysis)
+    for trace, model in zip(fig.data, analysis.models):
+        np.testing.assert_allclose(trace.y, model.lens)
+
+
+def test_tables_carry_the_numbers(result):
+    dla = direct_logit_attribution(result)
+    frame = tables.dla_frame(dla)
+    free = frame[frame.model == dla[1].name]
+    parts = free[~free.component.isin(["logit difference"])].dla.sum()
+    assert parts == pytest.approx(dla[1].logit_diff, abs=1e-4)
+    heads = tables.heads_frame(dla, head_direct_effects(result))
+    assert len(heads) == 2 * 3 * 4 and {"dla", "direct_effect"} <= set(heads.columns)
+    per_token = tables.per_token_frame(result, next_token(result))
+    assert len(per_token) == result.n_tokens
+    top = tables.top_predictions_frame(result)
+    assert len(top) == 20 and (top["prob"] <= 1).all()
+    assert len(tables.tokens_frame(result)) == result.n_tokens
+    assert len(tables.pattern_frame(attention(result), 0, 0, result.tokens)) == 2 * result.n_tokens * (result.n_tokens + 1) // 2
