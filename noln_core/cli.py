@@ -25,7 +25,7 @@ from .errors import InputError, NolnError
 from .loading import load_model
 from .logit_diff import logit_difference
 from .next_token import next_token
-from .registry import DEFAULT_PAIR, REGISTRY, parse_spec
+from .registry import DEFAULT_PAIR, DEMO_PAIR, REGISTRY, default_pair, parse_spec
 from .residual_norms import residual_norms
 
 EXIT_BAD_INPUT = 2
@@ -154,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
             "DLA against the true direct effect, and attention-sink rates. With --json, one JSON document goes to stdout "
             "(schema in the README); otherwise a short summary. Errors: one line on stderr, exit status 2."
         ),
-        epilog=f"Default models: {DEFAULT_PAIR[0]} and {DEFAULT_PAIR[1]}. `python -m noln_core models` lists known ones.",
+        epilog=(f"Default models: {DEFAULT_PAIR[0]} and {DEFAULT_PAIR[1]} when the hub is reachable or they are cached, "
+                f"else the shipped offline demo pair {DEMO_PAIR[0]} and {DEMO_PAIR[1]}. `python -m noln_core models` lists known ones."),
     )
     cmp.add_argument("--model", action="append", metavar="SRC[@REV]",
                      help="hub repo id or local directory, optionally @revision (repeat for each model; default: the pair above)")
@@ -167,14 +168,94 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     cmp.add_argument("--json", action="store_true", help="print the full JSON report instead of a summary")
     sub.add_parser("models", help="list the registry of known models")
+    rm = sub.add_parser(
+        "remove-ln", help="remove LayerNorm from a GPT-2 checkpoint by fine-tuning (the papers' schedule)",
+        description=(
+            "Fine-tune a GPT-2-architecture checkpoint while its LayerNorms are replaced, one by one, by fake LNs with "
+            "frozen standard deviations (ln_2 per layer, then ln_1 Q/K, then ln_1 V, then ln_f), and write the result in "
+            "the published LN-free format (LN weight x1e6/sigma, eps 1e12). Progress bar on stderr, loss log in "
+            "OUT/_training/loss_log.jsonl, checkpoints there every --checkpoint-every steps: rerunning the same command "
+            "resumes."
+        ),
+    )
+    rm.add_argument("--base", required=True, metavar="SRC", help="local directory of the GPT-2 checkpoint to fine-tune")
+    rm.add_argument("--data", required=True, metavar="FILE", help="plain-text training data (UTF-8)")
+    rm.add_argument("--out", required=True, metavar="DIR", help="where the LN-free checkpoint is written")
+    rm.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300, as for GPT-2 small)")
+    rm.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
+    rm.add_argument("--block", type=int, default=128, help="tokens per sequence (default 128)")
+    rm.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
+    rm.add_argument("--aux-lambda", type=float, default=0.1, help="weight of the auxiliary loss on the final sigma")
+    rm.add_argument("--seed", type=int, default=0)
+    rm.add_argument("--checkpoint-every", type=int, default=50)
+    demo = sub.add_parser("make-demo", help="rebuild the offline demo pair (GPT-2 on the King James Bible, and its LN-free fine-tune)",
+                          description="Seeded rebuild of noln_core/data/demo (needs Debian's bible-kjv for the text).")
+    demo.add_argument("--out", default=None, help="output directory (default: the shipped noln_core/data/demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int, default=1500, help="training steps from scratch")
+    demo.add_argument("--removal-steps", type=int, default=600, help="LayerNorm-removal fine-tuning steps")
     return parser
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+
+
+def _run_remove_ln(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compare import tokenize
+    from .removal import Schedule, TrainConfig, remove_layernorm
+
+    base = Path(os.path.expanduser(args.base))
+    if not base.is_dir():
+        raise InputError(f"--base {args.base!r} is not a directory: give a local GPT-2 checkpoint")
+    data = Path(os.path.expanduser(args.data))
+    if not data.is_file():
+        raise InputError(f"--data {args.data!r} is not a file: give a plain-text file")
+    model = load_model(str(base), device="cpu")
+    if model.ln_free:
+        raise InputError(f"{args.base} is already LN-free")
+    try:
+        text = data.read_text()
+    except UnicodeDecodeError as err:
+        raise InputError(f"--data {args.data!r} is not UTF-8 text") from err
+    tokens = np.array(tokenize(model, text, prepend_bos=False), dtype=np.int64)
+    if len(tokens) < 2 * args.block:
+        raise InputError(f"--data holds {len(tokens)} tokens; at least {2 * args.block} are needed for --block {args.block}")
+    try:
+        schedule = Schedule.for_model(model.info.n_layers, args.steps)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    schedule = Schedule(**{**schedule.__dict__, "aux_lambda": args.aux_lambda})
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, block=min(args.block, model.info.n_ctx), lr=args.lr,
+                      seed=args.seed, checkpoint_every=args.checkpoint_every)
+    out = remove_layernorm(base, tokens, Path(args.out), schedule=schedule, cfg=cfg, progress=_progress(args.steps, "remove LN"))
+    result = load_model(str(out), device="cpu")
+    print(json.dumps({"out": str(out), "ln_free": result.ln_free, "schedule": schedule.__dict__}))
+    return 0
+
+
+def _run_make_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import demo
+
+    try:
+        demo.build(Path(args.out) if args.out else demo.DEMO_DIR, seed=args.seed, steps=args.steps,
+                   removal_steps=args.removal_steps, progress=_progress, log=lambda m: print(m, file=sys.stderr))
+    except RuntimeError as err:
+        raise InputError(str(err)) from err
+    return 0
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     if text == "" or text is None:
         raise InputError("the text is empty: pass --text 'some words' (or --text - to read stdin)")
-    specs = args.model or list(DEFAULT_PAIR)
+    specs = args.model or list(default_pair())
     models = []
     for spec in specs:
         source, revision = (spec, None) if os.path.exists(os.path.expanduser(spec)) else parse_spec(spec)
@@ -194,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for spec, m in REGISTRY.items():
                 print(f"{spec:45s} {m.kind:10s} {m.description}")
             return 0
+        if args.command == "remove-ln":
+            return _run_remove_ln(args)
+        if args.command == "make-demo":
+            return _run_make_demo(args)
         return _run_compare(args)
     except NolnError as err:
         print(f"error: {err}", file=sys.stderr)

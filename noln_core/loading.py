@@ -30,7 +30,7 @@ import torch
 
 from .errors import CorruptCheckpointError, ModelLoadError, NotGPT2Error, OfflineError, UnknownModelError
 from .model import ACTIVATIONS, GPT2Weights, LoadedModel, ModelInfo, fold_checkpoint
-from .registry import canonical_repo, lookup, parse_spec
+from .registry import DEMO_BASE, DEMO_NOLN, DEMO_PREFIX, REGISTRY, canonical_repo, lookup, parse_spec
 
 NEUTRALISED_EPS = 1e6
 """``layer_norm_epsilon`` at or above this marks the LN-free trick (the published checkpoints use 1e12).
@@ -43,7 +43,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 TOKENIZER_PATTERNS = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
 BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
-FALLBACK_TOKENIZER_REPO = "openai-community/gpt2"
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "data" / "gpt2-tokenizer"
+"""GPT-2's vocab.json and merges.txt, for checkpoints that ship no tokenizer."""
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _PREDOWNLOAD = (
     "pre-download it where there is a network (`huggingface-cli download {repo}{rev}`) and copy the cache "
@@ -257,6 +258,9 @@ class _Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def keys(self) -> list[str]:
+        return list(self._where)
+
     def shape(self, key: str) -> tuple[int, ...]:
         reader, ref = self._where[key]
         return reader.entries[ref][1] if reader is not None else tuple(ref.shape)
@@ -333,15 +337,22 @@ def load_tokenizer(directory: Path | None, vocab_size: int, name: str):
         if attempt == 0:
             if vocab_size != 50257:
                 break
-            # No tokenizer files: fine-tunes often ship none.  They use GPT-2's own.
-            candidates = [_snapshot(FALLBACK_TOKENIZER_REPO, None, ["tokenizer.json", "vocab.json", "merges.txt"])]
+            # No tokenizer files: fine-tunes often ship none.  They use GPT-2's own, which we ship.
+            candidates = [BUNDLED_TOKENIZER]
     raise CorruptCheckpointError(
         f"{name} ships no tokenizer (tokenizer.json, or vocab.json + merges.txt) and its vocabulary of {vocab_size} is not GPT-2's"
     )
 
 
 def _locate(source: str, revision: str | None, allow_local: bool) -> tuple[Path, str, str | None, str | None]:
-    """Return ``(directory, source, revision, commit)`` for a local dir or a hub repo."""
+    """Return ``(directory, source, revision, commit)`` for a shipped demo model, a local dir or a hub repo."""
+    if source.startswith(DEMO_PREFIX):
+        from .demo import DEMO_DIR
+
+        directory = DEMO_DIR / source.removeprefix(DEMO_PREFIX)
+        if source not in REGISTRY or not (directory / "config.json").is_file():
+            raise UnknownModelError(f"no demo model {source!r}: the shipped ones are {DEMO_BASE} and {DEMO_NOLN}")
+        return directory, source, None, None
     expanded = Path(os.path.expanduser(source))
     if expanded.is_dir():
         if not allow_local:

@@ -104,11 +104,69 @@ def _build() -> dict[str, KnownModel]:
     return {m.spec: m for m in models}
 
 
-REGISTRY: dict[str, KnownModel] = _build()
-"""Every known model, keyed by its spec (``repo`` or ``repo@revision``)."""
+DEMO_PREFIX = "demo:"
+DEMO_BASE, DEMO_NOLN = "demo:gpt2-kjv", "demo:gpt2-kjv-noLN"
+
+
+def _demo_entries() -> list[KnownModel]:
+    cite = "noLN Explorer's offline demo (see its model card in noln_core/data/demo)"
+    return [
+        KnownModel(DEMO_BASE, None, "original", "demo",
+                   "demo (offline): a 6-layer GPT-2 trained on the King James Bible, with LayerNorm", cite),
+        KnownModel(DEMO_NOLN, None, "ln_free", "demo",
+                   "demo (offline): its LN-free fine-tune, made with the papers' removal schedule", cite,
+                   original=DEMO_BASE),
+    ]
+
+
+REGISTRY: dict[str, KnownModel] = {**_build(), **{m.spec: m for m in _demo_entries()}}
+"""Every known model, keyed by its spec (``repo``, ``repo@revision`` or ``demo:name``)."""
 
 DEFAULT_PAIR: tuple[str, str] = ("openai-community/gpt2", f"{GPT2_NOLN}@{GPT2_NOLN_DEFAULT_REVISION}")
-"""The default comparison: GPT-2 small against gpt2_noLN v4."""
+"""The default comparison with hub access: GPT-2 small against gpt2_noLN v4."""
+
+DEMO_PAIR: tuple[str, str] = (DEMO_BASE, DEMO_NOLN)
+"""The embedded offline default, shipped in the repository."""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (False at once when ``HF_HUB_OFFLINE`` is set)."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(DEFAULT_PAIR[0], timeout=timeout)
+        return True
+    except Exception:  # no network, DNS failure, hub down: all mean "use what is local"
+        return False
+
+
+def default_pair_cached() -> bool:
+    """Whether both default models are already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for spec in DEFAULT_PAIR:
+            repo, revision = parse_spec(spec)
+            if not isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+                return False
+        return True
+    except Exception:
+        return False
+
+
+_default: tuple[str, str] | None = None
+
+
+def default_pair() -> tuple[str, str]:
+    """gpt2 against gpt2_noLN when they are cached or the hub answers, else the shipped demo pair (once per process)."""
+    global _default
+    if _default is None:
+        _default = DEFAULT_PAIR if default_pair_cached() or hub_reachable() else DEMO_PAIR
+    return _default
 
 _ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
@@ -139,6 +197,8 @@ def lookup(source: str, revision: str | None) -> KnownModel | None:
     A missing revision on gpt2_noLN means its default branch, which is v4.
     """
     repo = canonical_repo(source)
+    if repo.startswith(DEMO_PREFIX):
+        return REGISTRY.get(repo)
     if revision is None and repo == GPT2_NOLN:
         revision = GPT2_NOLN_DEFAULT_REVISION
     return REGISTRY.get(repo if revision is None else f"{repo}@{revision}")

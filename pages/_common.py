@@ -33,7 +33,7 @@ from noln_core import (
 )
 from noln_core.compare import token_pieces, tokenize
 from noln_core.loading import resolve_device
-from noln_core.registry import REGISTRY, lookup
+from noln_core.registry import DEMO_PREFIX, REGISTRY, lookup
 from pages._links import (
     DEVICES, DTYPES, MAX_TEXT_CHARS, PRESETS, AppState, display_name, parse_query, share_link, to_query, valid_model_spec,
 )
@@ -162,6 +162,8 @@ def _model_picker(label: str, slot: str, optional: bool = False) -> str | None:
 
     def describe(spec: str) -> str:
         entry = REGISTRY.get(spec)
+        if entry is not None and spec.startswith(DEMO_PREFIX):
+            return f"demo (offline) · {spec.removeprefix(DEMO_PREFIX)}"
         return f"{spec}  ·  {entry.kind.replace('_', ' ')}" if entry else spec
 
     choice = st.selectbox(label, options, index=index, format_func=describe, key=f"w_{slot}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from noln_core.loading import is_valid_repo_id
-from noln_core.registry import DEFAULT_PAIR, REGISTRY, parse_spec
+from noln_core.registry import REGISTRY, default_pair, parse_spec
 
 MAX_TEXT_CHARS = 20_000
 """Longer text is cut here before tokenising (and to the context window after)."""
@@ -41,6 +41,11 @@ PRESETS: tuple[Preset, ...] = (
            " pumpkin orbit velvet canyon lantern quartz violin harbor glacier"
            " pumpkin orbit velvet canyon lantern quartz violin harbor", " glacier", " pumpkin",
            "A random word sequence seen once: induction heads copy the word that followed last time."),
+    Preset("KJV: Let there be light (demo corpus)", "And God said, Let there be light: and there was", " light",
+           " darkness", "Genesis 1:3, which the offline demo models were trained on."),
+    Preset("KJV: induction on the sons of Jacob (demo corpus)",
+           " Levi Judah Joseph Benjamin Dan Gad Isaac Jacob Levi Judah Joseph Benjamin Dan Gad Isaac", " Jacob", " Levi",
+           "Names from the demo corpus in an arbitrary order, repeated: the second time round, induction predicts the next."),
     Preset("Rare tokens: tab and form feed", "Name:\tAlice\x0cAge:\t42\n\n\n\tCity:\t", " Paris", "\t",
            "Tab and form-feed runs are rare in OpenWebText; in LN-free GPT-2 XL their residual norm explodes."),
 )
@@ -50,8 +55,8 @@ PRESETS: tuple[Preset, ...] = (
 class AppState:
     """Everything a link carries."""
 
-    model_a: str = DEFAULT_PAIR[0]
-    model_b: str = DEFAULT_PAIR[1]
+    model_a: str = ""
+    model_b: str = ""
     model_c: str | None = None
     text: str = PRESETS[0].text
     answer: str | None = PRESETS[0].answer
@@ -67,7 +72,8 @@ class AppState:
 
 def default_state() -> AppState:
     """Defaults, with ``NOLN_DEFAULT_MODELS="A,B[,C]"`` overriding the model pair (offline use, tests)."""
-    state = AppState()
+    pair = default_pair()
+    state = AppState(model_a=pair[0], model_b=pair[1])
     env = os.environ.get("NOLN_DEFAULT_MODELS", "").strip()
     if env:
         specs = [s.strip() for s in env.split(",") if s.strip()]
@@ -107,7 +113,7 @@ def _first(value) -> str | None:
 
 def parse_query(params, allow_local: bool = True, base: AppState | None = None) -> AppState:
     """An :class:`AppState` from query parameters; invalid entries are ignored and explained in ``notes``."""
-    state = base or default_state()
+    state = base if base is not None else default_state()
     notes: list[str] = []
     changes: dict = {}
     get = (lambda k: _first(params.get(k))) if hasattr(params, "get") else (lambda k: None)

@@ -168,13 +168,13 @@ def test_no_tokenizer_and_foreign_vocab(tmp_path):
         load_model(str(target), device="cpu")
 
 
-def test_no_tokenizer_falls_back_to_gpt2s_when_cached(tmp_path, monkeypatch, ln_dir):
-    """Fine-tunes often ship no tokenizer; GPT-2's own (from the hub cache) is used."""
+def test_no_tokenizer_uses_the_bundled_gpt2_tokenizer(tmp_path, monkeypatch):
+    """Fine-tunes often ship no tokenizer; GPT-2's own, shipped with noln_core, is used without any network."""
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("network was called"))
     target = save(random_gpt2(seed=3), tmp_path / "no-tok", tokenizer=False)
-    cache = fake_hub_cache(tmp_path / "c", ln_dir, repo="openai-community/gpt2", revision="main")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert load_model(str(target), device="cpu").tokenizer.encode(" Paris").ids == [6342]
+    model = load_model(str(target), device="cpu")
+    assert model.tokenizer.encode(" Paris").ids == [6342]
+    assert model.tokenizer.encode("<|endoftext|>").ids == [50256]
 
 
 def test_revision_on_local_directory_is_refused(ln_dir):
