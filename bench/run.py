@@ -1,0 +1,256 @@
+"""Benchmarks: every cost as a ratio against its floor, measured in the same run.
+
+    python -m bench.run                                  # CPU, float32, small and medium -> docs/BENCHMARKS.md
+    python -m bench.run --device cuda --dtype bfloat16 --out results.md
+
+Checkpoints are GPT-2-small- and GPT-2-medium-shaped with random weights (built
+offline, once, under ``--cache``): their shapes, and so their cost, are the real
+models'.  Model B carries the LN-free trick, as gpt2_noLN does.  Times are
+medians over repeats; each ratio divides two numbers measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {"small": dict(n_embd=768, n_layer=12, n_head=12), "medium": dict(n_embd=1024, n_layer=24, n_head=16)}
+LENGTHS = (16, 128, 512, 1024)
+TARGETS = {"analysis_128": 2.0, "direct_effect": 0.25, "cache_hit_ms": 50.0, "load": 5.0, "peak_gb": 1.8, "corpus": 0.9}
+
+
+def build_checkpoints(size: str, cache: Path) -> tuple[Path, Path]:
+    """A random GPT-2 of the real shape, and the same neutralised like gpt2_noLN (weights x1e6, eps 1e12)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base, noln = cache / f"{size}-ln", cache / f"{size}-noln"
+    if (base / "model.safetensors").exists() and (noln / "model.safetensors").exists():
+        return base, noln
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**SHAPES[size])).eval()
+    vocab = ROOT / "noln_core" / "data" / "gpt2-tokenizer"
+    for directory in (base, noln):
+        directory.mkdir(parents=True, exist_ok=True)
+        for f in ("vocab.json", "merges.txt"):
+            (directory / f).write_bytes((vocab / f).read_bytes())
+    model.save_pretrained(base)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for ln in (block.ln_1, block.ln_2):
+                ln.weight.mul_(1e6)
+                ln.bias.zero_()
+        model.transformer.ln_f.weight.mul_(1e6)
+    model.config.layer_norm_epsilon = 1e12
+    model.save_pretrained(noln)
+    return base, noln
+
+
+def timed(fn, repeats: int, device: str, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def full_analysis(models, text_ids, answer, counterfactual):
+    """Everything the app computes for its default view (the Overview page plus the analyses behind every page)."""
+    from noln_core import (attention, compare, direct_logit_attribution, head_direct_effects, logit_difference,
+                           next_token, residual_norms)
+
+    result = compare(models, text_ids, answer, counterfactual)
+    return result, (next_token(result), logit_difference(result), residual_norms(result),
+                    direct_logit_attribution(result), head_direct_effects(result), attention(result))
+
+
+def text_of(model, n_tokens: int, seed: int = 0) -> str:
+    """A text that tokenises to ``n_tokens`` tokens (BOS included) with GPT-2's tokenizer."""
+    from noln_core import tokenize
+
+    rng = np.random.default_rng(seed)
+    words = [" the", " a", " model", " norm", " layer", " of", " and", " is", " to", " in"]
+    text = "".join(rng.choice(words, size=n_tokens - 1))
+    assert len(tokenize(model, text)) == n_tokens
+    return text
+
+
+def memory_probe(base: Path, noln: Path, device: str, dtype: str) -> dict:
+    """Peak resident memory of a fresh process: imports alone, then both models ready for analysis."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork and exec.
+    code = f"""
+import json, sys
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1e6
+sys.path.insert(0, {str(ROOT)!r})
+import noln_core, torch
+imports = hwm()
+a = noln_core.load_model({str(base)!r}, device={device!r}, dtype={dtype!r})
+b = noln_core.load_model({str(noln)!r}, device={device!r}, dtype={dtype!r})
+weights = sum(t.numel() * t.element_size() for m in (a, b) for t in {{id(t): t for t in m.weights.tensors()}}.values())
+print(json.dumps({{"imports_gb": imports, "peak_gb": hwm(),
+                  "weights_gb": weights / 1e9}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cache_hit_ms(models, text: str) -> float:
+    """A page switch in the app: the cached run and every cached analysis, measured as the app calls them."""
+    import logging
+
+    logging.getLogger("streamlit").setLevel(logging.ERROR)
+    from pages import _common as app
+
+    key = (tuple((m.info.source, m.info.revision, m.info.commit, m.info.device, m.info.dtype) for m in models),
+           text, " the", " a", -1, True)
+    result = app._run(key, tuple(models))
+    kinds = ("next_token", "logit_diff", "norms", "dla", "direct_effect", "attention")
+    for kind in kinds:
+        app._analysis(kind, key, result)
+
+    def hit():
+        r = app._run(key, tuple(models))
+        for kind in kinds:
+            app._analysis(kind, key, r)
+
+    return timed(hit, 20, "cpu") * 1000
+
+
+def run(args) -> tuple[str, dict]:
+    from transformers import GPT2LMHeadModel
+
+    from noln_core import corpus_loss, head_direct_effects, load_model, tokenize
+
+    device, dtype = args.device, args.dtype
+    torch_dtype = getattr(torch, dtype)
+    rows, raw = [], {}
+    for size in args.sizes:
+        base, noln = build_checkpoints(size, Path(args.cache))
+        reps = 1 if args.quick else (3 if size == "medium" and device == "cpu" else 5)
+        # Loading: ready for analysis, against HF from_pretrained of the same files.
+        t_hf = timed(lambda: GPT2LMHeadModel.from_pretrained(base, torch_dtype=torch_dtype).to(device), 3, device)
+        t_ours = timed(lambda: load_model(str(base), device=device, dtype=dtype), 3, device)
+        models = [load_model(str(base), device=device, dtype=dtype), load_model(str(noln), device=device, dtype=dtype)]
+        hf = [GPT2LMHeadModel.from_pretrained(d, torch_dtype=torch_dtype, attn_implementation="sdpa").to(device).eval()
+              for d in (base, noln)]
+        rows.append((size, "cold load from a local directory, ready for analysis", f"{t_ours:.2f} s",
+                     f"HF from_pretrained {t_hf:.2f} s", t_ours / t_hf, TARGETS["load"], "≤"))
+        for n in LENGTHS if not args.quick else (16, 128):
+            text = text_of(models[0], n)
+            ids = torch.tensor([tokenize(models[0], text)], device=device)
+
+            def two_forwards():
+                with torch.no_grad():
+                    for m in hf:
+                        m(ids)
+
+            r = 1 if (n == 1024 and size == "medium" and device == "cpu") else reps
+            t_floor = timed(two_forwards, r, device)
+            t_full = timed(lambda: full_analysis(models, text, " the", " a"), r, device)
+            target = TARGETS["analysis_128"] if n == 128 else None
+            rows.append((size, f"full side-by-side analysis, {n} tokens", f"{t_full * 1000:.0f} ms",
+                         f"two HF forwards {t_floor * 1000:.0f} ms", t_full / t_floor, target, "≤"))
+            raw[f"{size}_analysis_{n}"] = t_full / t_floor
+            if n == 128:
+                result, _ = full_analysis(models, text, " the", " a")
+                t_de = timed(lambda: head_direct_effects(result), 20, "cpu")
+                t_one = timed(lambda: two_forwards(), reps, device) / 2
+                rows.append((size, "direct effect of all heads (from the cached run)", f"{t_de * 1000:.1f} ms",
+                             f"one HF forward {t_one * 1000:.0f} ms", t_de / t_one, TARGETS["direct_effect"], "≤"))
+                if device == "cpu" and not args.no_app:
+                    ms = cache_hit_ms(models, text)
+                    rows.append((size, "cache hit in the app (page switch, same text)", f"{ms:.2f} ms", "target 50 ms",
+                                 ms / TARGETS["cache_hit_ms"], 1.0, "≤"))
+        # Corpus evaluation throughput against plain batched HF forwards on the same chunks.
+        chunk, batch, n_chunks = (512, 4, 4) if device == "cpu" else (1024, 8, 32)
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, 50256, size=n_chunks * (chunk - 1))
+        rows_t = torch.tensor(np.concatenate([np.full((n_chunks, 1), 50256), tokens.reshape(n_chunks, chunk - 1)], 1),
+                              device=device)
+
+        def hf_eval():
+            with torch.no_grad():
+                for start in range(0, n_chunks, batch):
+                    x = rows_t[start:start + batch]
+                    lp = hf[1](x).logits[:, :-1].float().log_softmax(-1)
+                    lp.gather(-1, x[:, 1:, None]).mean().item()
+
+        t_hf_eval = timed(hf_eval, 1 if device == "cpu" else 3, device)
+        t_eval = timed(lambda: corpus_loss(models[1], tokens, chunk=chunk, batch=batch), 1 if device == "cpu" else 3, device)
+        n_tok = n_chunks * (chunk - 1)
+        rows.append((size, f"corpus evaluation, {n_chunks}×{chunk} tokens", f"{n_tok / t_eval:,.0f} tok/s",
+                     f"HF batched {n_tok / t_hf_eval:,.0f} tok/s", (n_tok / t_eval) / (n_tok / t_hf_eval), TARGETS["corpus"], "≥"))
+        del models, hf
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if size == "small" and device == "cpu":
+            mem = memory_probe(base, noln, device, dtype)
+            floor = mem["imports_gb"] + mem["weights_gb"]
+            rows.append((size, "peak resident memory, both models ready", f"{mem['peak_gb']:.2f} GB",
+                         f"imports {mem['imports_gb']:.2f} + weights {mem['weights_gb']:.2f} = {floor:.2f} GB",
+                         mem["peak_gb"] / floor, None, ""))
+            rows.append((size, "peak resident memory against the target", f"{mem['peak_gb']:.2f} GB", "target 1.8 GB",
+                         mem["peak_gb"] / TARGETS["peak_gb"], 1.0, "≤"))
+    return table(rows, args), raw
+
+
+def table(rows, args) -> str:
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
+    head = [
+        f"### {args.device} · {args.dtype}" + (f" · {gpu}" if gpu else f" · {os.cpu_count()} CPU cores"),
+        "",
+        f"torch {torch.__version__}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
+        "Ratio = measured / floor (same run); target met: ✅, missed: ❌.",
+        "",
+        "| shape | what | measured | floor | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, what, measured, floor, ratio, target, sense in rows:
+        ok = "" if target is None else (" ✅" if (ratio <= target if sense == "≤" else ratio >= target) else " ❌")
+        tgt = "" if target is None else f"{sense} {target:g}×{ok}"
+        head.append(f"| {size} | {what} | {measured} | {floor} | {ratio:.2f}× | {tgt} |")
+    return "\n".join(head) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--sizes", default="small,medium", type=lambda s: s.split(","))
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "noln-bench"))
+    parser.add_argument("--out", default=None, help="write the table here (default: print it)")
+    parser.add_argument("--quick", action="store_true", help="fewer lengths and repeats (a smoke run)")
+    parser.add_argument("--no-app", action="store_true", help="skip the app cache measurement (no Streamlit)")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    text, _ = run(args)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The library on an accelerator: ``NOLN_TEST_DEVICE=cuda`` (or ``mps``) runs these there; CI runs them on the CPU.
+
+The same invariants as elsewhere, on the device the app would pick: log-probs equal
+transformers' (computed on the CPU), LN-free DLA exact in float32, concurrent runs
+equal sequential ones, and half precision available on request.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import PROMPTS, hf_run
+from noln_core import compare, direct_logit_attribution, head_direct_effects, load_model, residual_norms, tokenize
+from noln_core.attribution import exactness_tolerance
+
+DEVICE = os.environ.get("NOLN_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="module")
+def models(ln_dir, noln_dir):
+    return [load_model(str(ln_dir), device=DEVICE), load_model(str(noln_dir), device=DEVICE)]
+
+
+def test_models_live_on_the_device(models):
+    assert all(m.device.type == torch.device(DEVICE).type for m in models)
+    assert all(t.device.type == torch.device(DEVICE).type for m in models for t in m.weights.tensors())
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logprobs_on_the_device_equal_hf_on_the_cpu(models, ln_dir, noln_dir, prompt):
+    for model, directory in zip(models, (ln_dir, noln_dir)):
+        ids = tokenize(model, prompt)
+        ours = model.forward(torch.tensor([ids])).double().log_softmax(-1)[0].cpu()
+        assert (ours - hf_run(directory, ids)["logprobs"]).abs().max() < 1e-4
+
+
+def test_results_come_back_to_the_cpu_and_dla_is_exact(models):
+    result = compare(models, PROMPTS[0], " Mary", " John")
+    assert isinstance(result.runs[0].resid_pre_norm, np.ndarray)
+    dla = direct_logit_attribution(result)[1]
+    assert dla.exact and dla.error <= exactness_tolerance(dla.logit_diff)
+    assert head_direct_effects(result)[1].nmae < 1e-5
+    assert residual_norms(result)[1].ln1_scale is None
+
+
+def test_concurrent_runs_on_the_device_equal_sequential(models):
+    jobs = [(PROMPTS[i % 4] + " more" * i, " the", " a") for i in range(12)]
+    def summary(job):
+        r = compare(models, *job)
+        return [r.runs[1].attribution.components, r.runs[0].next_logprobs, r.runs[1].attn_to_first]
+    sequential = [summary(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = list(pool.map(summary, jobs))
+    for a, b in zip(sequential, parallel):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_on_request_reports_its_error(noln_dir):
+    model = load_model(str(noln_dir), device=DEVICE, dtype="bfloat16")
+    dla = direct_logit_attribution(compare(model, PROMPTS[1], " Paris", " London"))[0]
+    assert model.weights.W_QKV.dtype == torch.bfloat16 and np.isfinite(dla.error)
