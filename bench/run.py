@@ -234,13 +234,42 @@ def table(rows, args) -> str:
     return "\n".join(head) + "\n"
 
 
+HEADER = """# Benchmarks
+
+Written by `python -m bench.run` (CPU) from this repository; GPU tables come from
+`bench/gpu_check.sh` runs saved under `bench/results/`. Each ratio divides two numbers
+measured in the same run: our cost against its floor (two plain `transformers` forward
+passes for the analysis, one for the direct effects, `from_pretrained` for loading, plain
+batched forwards for corpus evaluation, imports plus weights for memory). Checkpoints are
+random-weight GPT-2 small and medium shapes built offline; model B carries the LN-free
+trick, as gpt2_noLN does. Times are medians over repeats (one repeat for medium at 1024
+tokens on the CPU); a 2-core machine is noisy, so read ratios, not seconds.
+
+"""
+
+
+def document(cpu_table: str) -> str:
+    parts = [HEADER, "## CPU\n\n", cpu_table, "\n## GPU\n\n"]
+    results = sorted((ROOT / "bench" / "results").glob("*.md"))
+    if results:
+        parts += [r.read_text() + "\n" for r in results]
+    else:
+        parts.append("No GPU was available to the session that wrote this file; `bench/gpu_check.sh` produces the "
+                     "float32 and bfloat16 tables on CUDA with the same code.\n")
+    notes = ROOT / "bench" / "NOTES.md"
+    if notes.exists():
+        parts += ["\n", notes.read_text()]
+    return "".join(parts)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--sizes", default="small,medium", type=lambda s: s.split(","))
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "noln-bench"))
-    parser.add_argument("--out", default=None, help="write the table here (default: print it)")
+    parser.add_argument("--out", default=None,
+                        help="where to write (default: docs/BENCHMARKS.md for the CPU run; a bare table otherwise)")
     parser.add_argument("--quick", action="store_true", help="fewer lengths and repeats (a smoke run)")
     parser.add_argument("--no-app", action="store_true", help="skip the app cache measurement (no Streamlit)")
     args = parser.parse_args(argv)
@@ -248,6 +277,8 @@ def main(argv=None) -> int:
     text, _ = run(args)
     if args.out:
         Path(args.out).write_text(text)
+    elif args.device == "cpu" and not args.quick:
+        (ROOT / "docs" / "BENCHMARKS.md").write_text(document(text))
     print(text)
     return 0
 

@@ -188,6 +188,15 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--aux-lambda", type=float, default=0.1, help="weight of the auxiliary loss on the final sigma")
     rm.add_argument("--seed", type=int, default=0)
     rm.add_argument("--checkpoint-every", type=int, default=50)
+    ev = sub.add_parser("evaluate", help="mean next-token loss of models on a text file, in fixed-length chunks",
+                        description="Mean cross-entropy over chunks of --chunk tokens (default: the context window), "
+                                    "BOS first, as the papers evaluate. Prints one JSON document.")
+    ev.add_argument("--model", action="append", required=True, metavar="SRC[@REV]")
+    ev.add_argument("--data", required=True, metavar="FILE", help="plain-text file (UTF-8)")
+    ev.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: the context window)")
+    ev.add_argument("--batch", type=int, default=8)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     demo = sub.add_parser("make-demo", help="rebuild the offline demo pair (GPT-2 on the King James Bible, and its LN-free fine-tune)",
                           description="Seeded rebuild of noln_core/data/demo (needs Debian's bible-kjv for the text).")
     demo.add_argument("--out", default=None, help="output directory (default: the shipped noln_core/data/demo)")
@@ -238,6 +247,35 @@ def _run_remove_ln(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compare import tokenize
+    from .evaluate import corpus_loss
+
+    data = Path(os.path.expanduser(args.data))
+    if not data.is_file():
+        raise InputError(f"--data {args.data!r} is not a file: give a plain-text file")
+    try:
+        text = data.read_text()
+    except UnicodeDecodeError as err:
+        raise InputError(f"--data {args.data!r} is not UTF-8 text") from err
+    results = []
+    for spec in args.model:
+        source, revision = (spec, None) if os.path.exists(os.path.expanduser(spec)) else parse_spec(spec)
+        model = load_model(source, revision, device=args.device, dtype=args.dtype, name=spec)
+        tokens = np.array(tokenize(model, text, prepend_bos=False), dtype=np.int64)
+        try:
+            loss = corpus_loss(model, tokens, chunk=args.chunk, batch=args.batch)
+        except ValueError as err:
+            raise InputError(f"--data is too short: {err}") from err
+        results.append({"model": spec, "ln_free": model.ln_free, "mean_loss": loss.mean_loss,
+                        "median_chunk_loss": loss.median_chunk_loss, "chunks": len(loss.chunk_losses),
+                        "tokens": loss.tokens})
+    print(json.dumps({"data": str(data), "results": results}))
+    return 0
+
+
 def _run_make_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -279,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_remove_ln(args)
         if args.command == "make-demo":
             return _run_make_demo(args)
+        if args.command == "evaluate":
+            return _run_evaluate(args)
         return _run_compare(args)
     except NolnError as err:
         print(f"error: {err}", file=sys.stderr)

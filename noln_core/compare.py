@@ -399,6 +399,7 @@ def compare(
     prepend_bos: bool = True,
     *,
     max_pattern_elements: int = MAX_PATTERN_ELEMENTS,
+    max_tokens: int | None = None,
 ) -> RunResult:
     """Run every model once on the same token ids and capture what the analyses need.
 
@@ -412,6 +413,8 @@ def compare(
         position: the token whose next-token prediction is analysed (negative
             counts from the end; -1, the last, by default).
         prepend_bos: put ``<|endoftext|>`` first, as GPT-2 was trained to see it.
+        max_pattern_elements: keep full attention patterns up to this many floats.
+        max_tokens: analyse at most this many tokens (a deployment's limit).
 
     Thread safety: no model state is touched, so concurrent calls on the same
     models give the same results as sequential ones.
@@ -429,9 +432,12 @@ def compare(
     ids = _shared_ids(models, text, prepend_bos)
     warnings: list[str] = []
     n_ctx = min(m.info.n_ctx for m in models)
-    truncated = len(ids) > n_ctx
+    limit = min(n_ctx, max_tokens) if max_tokens else n_ctx
+    truncated = len(ids) > limit
     if truncated:
-        warnings.append(f"the text is {len(ids)} tokens; only the first {n_ctx} (the context window) are analysed")
+        why = "the context window" if limit == n_ctx else "this deployment's limit"
+        warnings.append(f"the text is {len(ids)} tokens; only the first {limit} ({why}) are analysed")
+        n_ctx = limit
         ids = ids[:n_ctx]
         text = models[0].tokenizer.decode(ids[1:] if prepend_bos else ids, skip_special_tokens=False)
     if not ids:

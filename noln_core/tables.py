@@ -17,6 +17,11 @@ from .next_token import NextTokenAnalysis
 from .residual_norms import ResidualNorms
 
 
+def model_labels(names) -> list[str]:
+    """``A: name``, ``B: name``...: unique column labels even when two models share a display name."""
+    return [f"{chr(65 + i)}: {name}" for i, name in enumerate(names)]
+
+
 def tokens_frame(result) -> pd.DataFrame:
     """One row per token: position, id, BPE piece, decoded text."""
     return pd.DataFrame({
@@ -28,12 +33,13 @@ def tokens_frame(result) -> pd.DataFrame:
 def top_predictions_frame(result, position: int | None = None) -> pd.DataFrame:
     """Top-k next tokens at ``position`` for every model, with each model's probability of every listed token."""
     p = result.position if position is None else position
+    labels = model_labels(r.name for r in result.runs)
     rows = []
-    for run in result.runs:
+    for label, run in zip(labels, result.runs):
         for rank, (tid, text, lp) in enumerate(zip(run.top_ids[p], run.top_tokens[p], run.top_logprobs[p]), 1):
-            row = {"model": run.name, "rank": rank, "token_id": int(tid), "token": text, "prob": float(np.exp(lp))}
-            for other in result.runs:
-                row[f"p[{other.name}]"] = float(np.exp(other.position_logprobs[int(tid)]))
+            row = {"model": label, "rank": rank, "token_id": int(tid), "token": text, "prob": float(np.exp(lp))}
+            for other_label, other in zip(labels, result.runs):
+                row[f"p[{other_label}]"] = float(np.exp(other.position_logprobs[int(tid)]))
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -43,11 +49,12 @@ def per_token_frame(result, analysis: NextTokenAnalysis) -> pd.DataFrame:
     n = result.n_tokens
     frame = pd.DataFrame({"position": np.arange(n), "token": list(result.tokens),
                           "next_token": list(result.tokens[1:]) + [None]})
-    for stats in analysis.models:
-        frame[f"loss[{stats.name}]"] = np.append(stats.loss, np.nan)
-        frame[f"entropy[{stats.name}]"] = stats.entropy
-    for pair in analysis.pairs:
-        tag = f"{pair.a} vs {pair.b}"
+    labels = model_labels(m.name for m in analysis.models)
+    for label, stats in zip(labels, analysis.models):
+        frame[f"loss[{label}]"] = np.append(stats.loss, np.nan)
+        frame[f"entropy[{label}]"] = stats.entropy
+    for index, pair in zip(result.pairs, analysis.pairs):
+        tag = f"{labels[index.a]} vs {labels[index.b]}"
         frame[f"KL(A||B)[{tag}]"] = pair.kl_ab
         frame[f"KL(B||A)[{tag}]"] = pair.kl_ba
         frame[f"JS[{tag}]"] = pair.js

@@ -5,8 +5,10 @@ thin: a page calls :func:`current_run`, an analysis accessor and the figure
 helpers, and explains what it shows.
 
 Caching:
-- models: ``st.cache_resource`` keyed on (spec, device, dtype), room for
-  ``MAX_MODELS`` at once; a failed load is not cached, so a retry works;
+- models: one :class:`~noln_core.store.ModelStore` per process (``st.cache_resource``),
+  keyed on (spec, device, dtype), holding ``LIMITS.max_models`` at once (least
+  recently used evicted), loading one at a time; a failed load is not kept,
+  so a retry works;
 - runs: ``st.cache_resource`` keyed on every input of ``compare``.  A
   :class:`~noln_core.compare.RunResult` is frozen and its arrays read-only, so
   sessions can share one object without copying it;
@@ -32,30 +34,38 @@ from noln_core import (
     logit_difference, next_token, residual_norms,
 )
 from noln_core.compare import token_pieces, tokenize
-from noln_core.loading import resolve_device
-from noln_core.registry import DEMO_PREFIX, REGISTRY, lookup
+from noln_core.registry import DEMO_PREFIX, REGISTRY, lookup, parse_spec
+from noln_core.store import ModelStore
 from pages._links import (
-    DEVICES, DTYPES, MAX_TEXT_CHARS, PRESETS, AppState, display_name, parse_query, share_link, to_query, valid_model_spec,
+    DEVICES, DTYPES, PRESETS, AppState, display_name, load_limits, parse_query, share_link, to_query, valid_model_spec,
 )
 
-MAX_MODELS = 4
+LIMITS = load_limits()
 MAX_RUNS = 16
 CUSTOM = "Other (repo id or local directory)…"
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
-ALLOW_LOCAL = os.environ.get("NOLN_HOSTED", "0") not in ("1", "true")
+ALLOW_LOCAL = not LIMITS.hosted
+REGISTRY_ONLY = LIMITS.hosted
 
 
 # --------------------------------------------------------------------------- caching
 
-@st.cache_resource(max_entries=MAX_MODELS, show_spinner=False)
-def _load(spec: str, device: str, dtype: str) -> LoadedModel:
+def _load_model(spec: str, device: str, dtype: str) -> LoadedModel:
+    if REGISTRY_ONLY and spec not in REGISTRY:
+        raise noln_core.ModelLoadError(f"{spec} is not in the registry; only registry models are allowed here")
     return noln_core.load_model(spec, device=device, dtype=dtype, allow_local=ALLOW_LOCAL, name=display_name(spec))
 
 
+@st.cache_resource(show_spinner=False)
+def model_store() -> ModelStore:
+    """The process's models, shared by every session."""
+    return ModelStore(LIMITS.max_models, _load_model)
+
+
 def load(spec: str, device: str, dtype: str) -> LoadedModel:
-    """A ready model from the cache, loading it (with a spinner) the first time."""
-    with st.spinner(f"Loading {spec} (downloading if needed)…"):
-        return _load(spec, device, dtype)
+    """A ready model from the store, loading it (with a spinner) the first time."""
+    with st.spinner(f"Loading {spec} (downloading if needed; loads are queued one at a time)…"):
+        return model_store().get(spec, device, dtype)
 
 
 RunKey = tuple
@@ -64,7 +74,7 @@ RunKey = tuple
 @st.cache_resource(max_entries=MAX_RUNS, show_spinner=False)
 def _run(key: RunKey, _models: tuple[LoadedModel, ...]) -> RunResult:
     _, text, answer, counterfactual, position, bos = key
-    return compare(list(_models), text, answer, counterfactual, position, bos)
+    return compare(list(_models), text, answer, counterfactual, position, bos, max_tokens=LIMITS.max_tokens)
 
 
 def run(models: tuple[LoadedModel, ...], text: str, answer, counterfactual, position: int, bos: bool) -> tuple[RunKey, RunResult]:
@@ -104,7 +114,8 @@ def init_state() -> None:
     """Once per session: the state from the link's query parameters (validated like widgets)."""
     if "app_state" not in st.session_state:
         params = st.query_params.to_dict()
-        st.session_state["app_state"] = parse_query(params, allow_local=ALLOW_LOCAL)
+        st.session_state["app_state"] = parse_query(params, allow_local=ALLOW_LOCAL, registry_only=REGISTRY_ONLY,
+                                                    max_text_chars=LIMITS.max_text_chars)
         st.session_state["_link_notes_shown"] = False
         st.session_state["_link_page"] = state().page if "page" in params else None
 
@@ -148,17 +159,15 @@ def share_url() -> str:
 
 # --------------------------------------------------------------------------- sidebar
 
-def _model_picker(label: str, slot: str, optional: bool = False) -> str | None:
+def _model_picker(label: str, slot: str) -> str | None:
     current = getattr(state(), slot)
-    options = list(REGISTRY) + [CUSTOM]
-    if optional:
-        options = ["(none)"] + options
+    options = list(REGISTRY) + ([] if REGISTRY_ONLY else [CUSTOM])
     if current is None:
         index = 0
     elif current in REGISTRY:
         index = options.index(current)
     else:
-        index = options.index(CUSTOM)
+        index = options.index(CUSTOM) if CUSTOM in options else 0
 
     def describe(spec: str) -> str:
         entry = REGISTRY.get(spec)
@@ -167,17 +176,15 @@ def _model_picker(label: str, slot: str, optional: bool = False) -> str | None:
         return f"{spec}  ·  {entry.kind.replace('_', ' ')}" if entry else spec
 
     choice = st.selectbox(label, options, index=index, format_func=describe, key=f"w_{slot}")
-    if choice == "(none)":
-        return None
     if choice == CUSTOM:
         typed = st.text_input(f"{label}: repo id[@revision]" + (" or local directory" if ALLOW_LOCAL else ""),
                               value=current if current and current not in REGISTRY else "", key=f"w_{slot}_custom",
                               max_chars=512, placeholder="owner/name@revision")
         if not typed.strip():
             return current if current not in REGISTRY else None
-        problem = valid_model_spec(typed, ALLOW_LOCAL)
+        problem = valid_model_spec(typed, ALLOW_LOCAL, REGISTRY_ONLY)
         if problem:
-            st.error(f"{label}: {problem}")
+            st.error(f"{label}: {md(problem)}")
             return current if current and current not in REGISTRY else None
         return typed.strip()
     entry = REGISTRY[choice]
@@ -206,7 +213,7 @@ def sidebar() -> tuple[LoadedModel, ...] | None:
         model_c = None
         if add_control:
             if s.model_c is None:
-                entry = lookup(*_split(model_b)) if model_b else None
+                entry = lookup(*parse_spec(model_b)) if model_b else None
                 if entry and entry.control:
                     _set_state(model_c=entry.control)
             model_c = _model_picker("Model C", "model_c")
@@ -228,7 +235,7 @@ def sidebar() -> tuple[LoadedModel, ...] | None:
         if preset == "(custom)":
             st.session_state["_applied_preset"] = None
         st.session_state.setdefault("w_text", state().text)
-        text = st.text_area("Text", key="w_text", height=120, max_chars=MAX_TEXT_CHARS)
+        text = st.text_area("Text", key="w_text", height=120, max_chars=LIMITS.max_text_chars)
         if text != state().text:
             _set_state(text=text, answer=None, counterfactual=None, position=-1)
         bos = st.checkbox("Prepend <|endoftext|> (BOS)", value=state().bos, key="w_bos")
@@ -240,10 +247,14 @@ def sidebar() -> tuple[LoadedModel, ...] | None:
         try:
             models.append(load(spec, state().device, state().dtype))
         except NolnError as err:
-            st.error(f"Could not load **{_md_safe(spec)}**: {_md_safe(str(err))}", icon=":material/error:")
+            st.error(f"Could not load **{md(spec)}**: {md(str(err))}", icon=":material/error:")
             return None
-        except torch.OutOfMemoryError:
-            st.error(f"Out of memory loading {_md_safe(spec)}: pick a smaller model, bfloat16, or the CPU.", icon=":material/error:")
+        except (torch.OutOfMemoryError, MemoryError):
+            st.error(f"Out of memory loading {md(spec)}: pick a smaller model, bfloat16, or the CPU.", icon=":material/error:")
+            return None
+        except Exception as err:  # a disk or network failure we did not foresee: say so, keep the session usable
+            st.error(f"Could not load **{md(spec)}**: unexpected {type(err).__name__}: {md(str(err).splitlines()[0] if str(err) else '')}",
+                     icon=":material/error:")
             return None
     if not state().text:
         st.error("The text is empty: type something in the sidebar, or pick a preset.", icon=":material/edit:")
@@ -251,30 +262,19 @@ def sidebar() -> tuple[LoadedModel, ...] | None:
     return tuple(models)
 
 
-def _split(spec: str) -> tuple[str, str | None]:
-    from noln_core.registry import parse_spec
-
-    return parse_spec(spec)
+_MARKDOWN_ACTIVE = set("\\`*_[]<>$~|:&#")
 
 
-def _md_safe(text: str) -> str:
-    """Escape Markdown so user text in a message renders literally (no links, HTML, LaTeX or emphasis)."""
-    out = []
-    for ch in text:
-        if ch in "\\`*_{}[]()#+-.!|<>$~:=&\"'":
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append(" ")
-        else:
-            out.append(ch)
-    return "".join(out)
+def md(text: str) -> str:
+    """User text made literal for Streamlit's Markdown: no emphasis, links, HTML, LaTeX, emoji or colour codes."""
+    return "".join("\\" + ch if ch in _MARKDOWN_ACTIVE else (" " if ch in "\r\n" else ch) for ch in str(text))
 
 
 def token_controls(models: tuple[LoadedModel, ...]) -> None:
     """Position, answer and counterfactual pickers (filled from every model's top-k) and the tokenisation inspector."""
     s = state()
     ids = tokenize(models[0], s.text, s.bos)
-    n = min(len(ids), min(m.info.n_ctx for m in models))
+    n = min(len(ids), min(m.info.n_ctx for m in models), LIMITS.max_tokens or len(ids))
     with st.sidebar:
         st.subheader("Tokens")
         if n == 0:
@@ -288,7 +288,7 @@ def token_controls(models: tuple[LoadedModel, ...]) -> None:
         try:
             _, base = run(models, s.text, None, None, state().position, s.bos)
         except NolnError as err:
-            st.error(str(err))
+            st.error(md(str(err)))
             return
         p = base.position
         candidates: list[str] = []
@@ -334,10 +334,14 @@ def prepare() -> bool:
     try:
         st.session_state["_run"] = run(models, s.text, s.answer, s.counterfactual, s.position, s.bos)
     except NolnError as err:
-        st.error(str(err), icon=":material/warning:")
-        st.session_state.pop("_run", None)
-        return False
-    return True
+        st.error(md(str(err)), icon=":material/warning:")
+    except (torch.OutOfMemoryError, MemoryError):
+        st.error("Out of memory running the models: use shorter text, fewer models, bfloat16 or the CPU.",
+                 icon=":material/error:")
+    else:
+        return True
+    st.session_state.pop("_run", None)
+    return False
 
 
 def current_run() -> RunResult | None:
@@ -347,10 +351,10 @@ def current_run() -> RunResult | None:
         return None
     result = st.session_state["_run"][1]
     for warning in result.warnings:
-        st.warning(warning, icon=":material/warning:")
+        st.warning(md(warning), icon=":material/warning:")
     if not st.session_state.get("_link_notes_shown"):
         for note in state().notes:
-            st.warning(f"Link: {note}", icon=":material/link:")
+            st.warning(f"Link: {md(note)}", icon=":material/link:")
         st.session_state["_link_notes_shown"] = True
     return result
 
@@ -390,11 +394,3 @@ def share_and_export() -> None:
         if "_run" in st.session_state:
             st.download_button("Run manifest (JSON)", json.dumps(manifest(st.session_state["_run"][1], share_url()), indent=2),
                                file_name="noln-run-manifest.json", mime="application/json", key="manifest")
-
-
-def model_names() -> list[str]:
-    return [r.name for r in st.session_state["_run"][1].runs]
-
-
-def resolved_device() -> str:
-    return str(resolve_device(state().device))

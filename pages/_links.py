@@ -17,6 +17,52 @@ from noln_core.registry import REGISTRY, default_pair, parse_spec
 
 MAX_TEXT_CHARS = 20_000
 """Longer text is cut here before tokenising (and to the context window after)."""
+CONFIG_FILE = Path(__file__).resolve().parent.parent / ".streamlit" / "noln.toml"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a deployment allows.  Hosted mode: registry models only, no local paths, tighter limits."""
+
+    hosted: bool = False
+    max_tokens: int | None = None
+    """Tokens analysed at most (None: each model's context window)."""
+    max_models: int = 4
+    """Models resident at once; the least recently used is evicted."""
+    max_text_chars: int = MAX_TEXT_CHARS
+
+
+def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
+    """Limits from ``.streamlit/noln.toml``, with ``NOLN_HOSTED``, ``NOLN_MAX_TOKENS`` and ``NOLN_MAX_MODELS`` overriding."""
+    import tomllib
+
+    env = os.environ if env is None else env
+    try:
+        config = tomllib.loads(path.read_text()) if path.is_file() else {}
+    except (tomllib.TOMLDecodeError, OSError):
+        config = {}
+    hosted_cfg, local_cfg = config.get("hosted", {}), config.get("local", {})
+    flag = env.get("NOLN_HOSTED")
+    hosted = flag.lower() in ("1", "true", "yes", "on") if flag else bool(hosted_cfg.get("enabled", False))
+    section = hosted_cfg if hosted else local_cfg
+
+    def number(name: str, key: str, default):
+        """The environment's value, else the config file's, else ``default``; invalid values are skipped."""
+        for raw in (env.get(name), section.get(key)):
+            try:
+                value = int(raw)
+            except (TypeError, ValueError):
+                continue
+            if value > 0:
+                return value
+        return default
+
+    return Limits(
+        hosted=hosted,
+        max_tokens=number("NOLN_MAX_TOKENS", "max_tokens", 256 if hosted else None),
+        max_models=number("NOLN_MAX_MODELS", "max_models", 3 if hosted else 4),
+        max_text_chars=min(number("NOLN_MAX_TEXT_CHARS", "max_text_chars", MAX_TEXT_CHARS), MAX_TEXT_CHARS),
+    )
 PAGES = ("overview", "logit-difference", "residual-norms", "attribution", "attention", "about")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -82,13 +128,15 @@ def default_state() -> AppState:
     return state
 
 
-def valid_model_spec(spec: str, allow_local: bool = True) -> str | None:
+def valid_model_spec(spec: str, allow_local: bool = True, registry_only: bool = False) -> str | None:
     """None if ``spec`` may be loaded, else why not (one line).  No network, no file reads beyond ``exists``."""
     if not isinstance(spec, str) or not spec.strip() or len(spec) > 512 or "\x00" in spec:
         return "an empty or malformed model"
     spec = spec.strip()
     if spec in REGISTRY:
         return None
+    if registry_only:
+        return f"{spec[:60]!r} is not in the registry, and only registry models are allowed here"
     if Path(os.path.expanduser(spec)).is_dir():
         return None if allow_local else "local directories are disabled here"
     source, revision = parse_spec(spec)
@@ -111,7 +159,8 @@ def _first(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def parse_query(params, allow_local: bool = True, base: AppState | None = None) -> AppState:
+def parse_query(params, allow_local: bool = True, base: AppState | None = None, registry_only: bool = False,
+                max_text_chars: int = MAX_TEXT_CHARS) -> AppState:
     """An :class:`AppState` from query parameters; invalid entries are ignored and explained in ``notes``."""
     state = base if base is not None else default_state()
     notes: list[str] = []
@@ -124,7 +173,7 @@ def parse_query(params, allow_local: bool = True, base: AppState | None = None) 
         if key == "model_c" and spec.strip() in ("", "none"):
             changes[key] = None
             continue
-        problem = valid_model_spec(spec, allow_local)
+        problem = valid_model_spec(spec, allow_local, registry_only)
         if problem:
             notes.append(f"ignored {key}: {problem}")
         else:
@@ -134,9 +183,9 @@ def parse_query(params, allow_local: bool = True, base: AppState | None = None) 
         if "\x00" in text:
             notes.append("removed NUL characters from the text")
             text = text.replace("\x00", "")
-        if len(text) > MAX_TEXT_CHARS:
-            notes.append(f"the text was cut to {MAX_TEXT_CHARS} characters")
-            text = text[:MAX_TEXT_CHARS]
+        if len(text) > max_text_chars:
+            notes.append(f"the text was cut to {max_text_chars} characters")
+            text = text[:max_text_chars]
         if text:
             changes["text"] = text
             # A link with new text but no tokens should not inherit the preset's tokens.
@@ -179,8 +228,9 @@ def to_query(state: AppState) -> dict[str, str]:
     if state.model_c:
         query["model_c"] = state.model_c
     query["text"] = state.text
-    if state.answer is not None and state.counterfactual is not None:
-        query["answer"], query["counterfactual"] = state.answer, state.counterfactual
+    for key in ("answer", "counterfactual"):
+        if getattr(state, key) is not None:
+            query[key] = getattr(state, key)
     query.update({"position": str(state.position), "bos": "1" if state.bos else "0", "device": state.device,
                   "dtype": state.dtype, "page": state.page})
     return query

@@ -17,7 +17,7 @@ if result is not None:
     )
     cols = st.columns(len(summaries))
     for col, s in zip(cols, summaries):
-        col.metric(f"Sink rate · {s.name}", f"{s.sink_rate:.1%}" if s.sink_rate == s.sink_rate else "—")
+        col.metric(f"Sink rate · {app.md(s.name)}", f"{s.sink_rate:.1%}" if s.sink_rate == s.sink_rate else "—")
     app.figure(figures.sink_heatmaps(summaries), "attention_sinks", tables.attention_frame(summaries))
     L, H = summaries[0].to_first.shape
     c1, c2 = st.columns(2)

@@ -25,7 +25,7 @@ if result is not None:
         for col, d, e in zip(cols, dlas, effects):
             total = d.values.sum() + d.constant
             ok = d.error <= exactness_tolerance(d.logit_diff)
-            col.metric(f"{d.name}: components + constant", f"{total:+.5f}")
+            col.metric(f"{app.md(d.name)}: components + constant", f"{total:+.5f}")
             col.caption(f"Σ components {d.values.sum():+.5f} + constant {d.constant:+.5f} vs logit difference "
                         f"{d.logit_diff:+.5f}: error {d.error:.1e}. "
                         f"{'Exact (no normalisation)' if d.exact and ok else 'Cached final-LN scale'}; "

@@ -15,9 +15,9 @@ if result is not None:
     else:
         cols = st.columns(len(analysis.models))
         for col, m in zip(cols, analysis.models):
-            col.metric(f"{m.name} ({'LN-free' if m.ln_free else 'with LN'})", f"{m.value:+.4f}")
+            col.metric(f"{app.md(m.name)} ({'LN-free' if m.ln_free else 'with LN'})", f"{m.value:+.4f}")
         st.markdown(
-            f"The logit difference logit[{analysis.answer!r}] − logit[{analysis.counterfactual!r}] at position "
+            f"The logit difference logit\\[{app.md(repr(analysis.answer))}\\] − logit\\[{app.md(repr(analysis.counterfactual))}\\] at position "
             f"{analysis.position}, and the same quantity read off the residual stream after every sublayer. "
             "Models with LayerNorm recompute the final LN on each intermediate residual; LN-free models read it "
             "linearly, so for them each step of the lens is exactly the sum of what came before."

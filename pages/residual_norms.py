@@ -21,13 +21,13 @@ if result is not None:
     )
     cols = st.columns(len(norms))
     for col, m in zip(cols, norms):
-        col.metric(f"Max first-token norm · {m.name}", f"{m.first_token_max:,.1f}")
+        col.metric(f"Max first-token norm · {app.md(m.name)}", f"{m.first_token_max:,.1f}")
     frame = tables.norms_frame(norms, result.tokens)
     app.figure(figures.norm_heatmaps(norms, result.tokens, include_bos), "residual_norms", frame)
     if len(norms) >= 2:
         app.figure(figures.norm_ratio_heatmap(norms, result.tokens, include_bos), "residual_norm_ratio", frame)
     for m in norms:
         if m.ln_free:
-            st.caption(f"{m.name} is LN-free: nothing in it divides the residual stream, so it has no scales to show.")
+            st.caption(f"{app.md(m.name)} is LN-free: nothing in it divides the residual stream, so it has no scales to show.")
         else:
             app.figure(figures.ln_scale_heatmap(m, result.tokens, include_bos), f"ln_scales_{norms.index(m)}", frame)

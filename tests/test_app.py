@@ -148,7 +148,7 @@ def test_invalid_link_parameters_are_explained(ln_dir, noln_dir):
     at.run()
     assert_clean(at)
     notes = " ".join(w.value for w in at.warning)
-    assert "position" in notes and "dtype" in notes and "model_c" in notes
+    assert "position" in notes and "dtype" in notes and "model\\_c" in notes  # shown with Markdown escaped
 
 
 def test_long_text_is_truncated_with_a_notice(ln_dir, noln_dir):

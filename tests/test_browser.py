@@ -121,3 +121,48 @@ def test_user_html_is_shown_as_text(server, browser, ln_dir, noln_dir):
     _assert_no_exception(page)
     assert page.title() != "pwned"
     assert page.locator("img[src='x']").count() == 0
+
+
+def test_concurrent_browser_sessions_each_get_their_own_result(server, browser, ln_dir, noln_dir):
+    """A bounded load test: 6 sessions at once, 2 page views each, on the same cached models.
+
+    Every session must show the numbers of its own text (as noln_core computes them) and no
+    error; the counts go to artifacts/load_report.json.
+    """
+    import json
+
+    from helpers import PROMPTS
+    from noln_core import compare, load_model, logit_difference
+
+    models = [load_model(str(ln_dir), device="cpu"), load_model(str(noln_dir), device="cpu")]
+    texts = [f"Session {i} says: {PROMPTS[i % len(PROMPTS)]}" for i in range(6)]
+    expected = [logit_difference(compare(models, t, " the", " a")).models[0].value for t in texts]
+    started = time.time()
+    contexts = [browser.new_context(viewport={"width": 1200, "height": 800}) for _ in texts]
+    pages = [c.new_page() for c in contexts]
+    for page, text in zip(pages, texts):  # all sessions start before any is read
+        query = {"model_a": str(ln_dir), "model_b": str(noln_dir), "text": text, "answer": " the", "counterfactual": " a",
+                 "page": "logit-difference"}
+        page.goto(f"{server}/?{urlencode(query)}", wait_until="commit")
+    served, errors = 0, 0
+    for page, value in zip(pages, expected):
+        page.get_by_role("heading", name="Logit difference and its logit lens").wait_for(timeout=90_000)
+        _wait_for_charts(page, 1)
+        shown = page.locator("[data-testid='stMetricValue']").first.inner_text()
+        errors += int(shown != f"{value:+.4f}") + page.locator("[data-testid='stException']").count()
+        served += 1
+    for page in pages:
+        page.locator("[data-testid='stSidebarNav'] a", has_text="Attribution").first.click()
+    for page in pages:
+        page.get_by_role("heading", name="Attribution: who wrote the logit difference?").wait_for(timeout=90_000)
+        _wait_for_charts(page, 4)
+        errors += page.locator("[data-testid='stException']").count() + page.locator("[data-testid='stAlertContentError']").count()
+        served += 1
+    report = {"sessions": len(pages), "requests_served": served, "errors": errors,
+              "seconds": round(time.time() - started, 1)}
+    SHOTS.parent.mkdir(parents=True, exist_ok=True)
+    (SHOTS.parent / "load_report.json").write_text(json.dumps(report, indent=2))
+    print("load test:", report)
+    for c in contexts:
+        c.close()
+    assert report == {**report, "sessions": 6, "requests_served": 12, "errors": 0}

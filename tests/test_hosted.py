@@ -1,0 +1,147 @@
+"""Hosted mode and hostile input in the app: limits, registry-only models, escaping, faults that leave it usable."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from noln_core import OfflineError
+from pages._links import load_limits
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+HOSTILE = [
+    "<script>alert('x')</script> and <img src=x onerror=alert(1)>",
+    "**bold** _it_ [link](javascript:alert(1)) $\\frac{a}{b}$ :rocket: :red[red] # heading",
+    "\u202eRTL override\u200f and zero\u200bwidth \u200d joiners",
+    "emoji 🙂👩‍👩‍👧🏳️‍🌈 mixed",
+    "tabs\tand\x0cform feeds\t\t\x0c\x0c",
+    "a" * 10_000,
+]
+
+
+@pytest.fixture(autouse=True)
+def navigation_mode(monkeypatch):
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+@pytest.fixture
+def hosted(monkeypatch):
+    """Reload the app's access module with NOLN_HOSTED=1; restore it afterwards."""
+    import pages._common as common
+
+    monkeypatch.setenv("NOLN_HOSTED", "1")
+    monkeypatch.setenv("NOLN_MAX_TOKENS", "20")
+    monkeypatch.delenv("NOLN_DEFAULT_MODELS", raising=False)
+    importlib.reload(common)
+    yield common
+    monkeypatch.delenv("NOLN_HOSTED")
+    monkeypatch.delenv("NOLN_MAX_TOKENS")
+    importlib.reload(common)
+
+
+def test_limits_from_config_and_environment(tmp_path):
+    config = tmp_path / "noln.toml"
+    config.write_text("[hosted]\nenabled = true\nmax_tokens = 100\nmax_models = 2\n[local]\nmax_models = 5\n")
+    assert load_limits({}, config).hosted and load_limits({}, config).max_tokens == 100
+    local = load_limits({"NOLN_HOSTED": "0"}, config)
+    assert not local.hosted and local.max_models == 5 and local.max_tokens is None
+    assert load_limits({"NOLN_HOSTED": "1", "NOLN_MAX_MODELS": "7"}, config).max_models == 7
+    assert load_limits({"NOLN_HOSTED": "1", "NOLN_MAX_MODELS": "-3"}, config).max_models == 2
+    (tmp_path / "bad.toml").write_text("not [toml")
+    assert not load_limits({}, tmp_path / "bad.toml").hosted
+    shipped = load_limits({})
+    assert not shipped.hosted  # hosted mode is off locally by default
+
+
+def test_hosted_mode_refuses_local_paths_and_limits_tokens(hosted, ln_dir):
+    assert hosted.LIMITS.hosted and hosted.LIMITS.max_tokens == 20
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({"model_a": str(ln_dir), "text": "word " * 100})
+    at.run()
+    assert not at.exception and not at.error
+    notes = " ".join(w.value for w in at.warning)
+    assert "ignored model\\_a" in notes and "registry" in notes
+    assert "only the first 20 (this deployment's limit)" in notes
+    options = at.sidebar.selectbox(key="w_model_a").options
+    assert all("Other" not in o for o in options)
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=["html", "markdown-latex", "rtl-zero-width", "emoji", "tab-formfeed", "10k"])
+def test_hostile_text_is_shown_as_text(ln_dir, noln_dir, text):
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({"model_a": str(ln_dir), "model_b": str(noln_dir), "text": text, "answer": text[:50],
+                            "counterfactual": " the", "page": "logit-difference"})
+    at.run()
+    assert not at.exception and not at.error
+    assert at.sidebar.text_area(key="w_text").value == text
+    from pages._common import md
+
+    rendered = [e.value for e in (*at.markdown, *at.caption, *at.warning, *at.subheader)] + [m.label for m in at.metric]
+    for value in rendered:
+        for fragment in ("<script>", "<img", "**bold**", "$\\frac", "[link](", ":rocket:", ":red["):
+            if fragment in value.replace("\\", ""):  # the user's markup reached Markdown: it must be escaped there
+                assert md(fragment) in value, (fragment, value)
+
+
+def test_a_failed_download_does_not_poison_the_cache(monkeypatch, ln_dir, noln_dir):
+    import pages._common as common
+
+    real = common.noln_core.load_model
+    failures = {"left": 1}
+
+    def flaky(spec, **kwargs):
+        if "noln" in str(spec) and failures["left"]:
+            failures["left"] -= 1
+            raise OfflineError("the download was interrupted")
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(common.noln_core, "load_model", flaky)
+    common.model_store().clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({"model_a": str(ln_dir), "model_b": str(noln_dir), "text": "kept text"})
+    at.run()
+    assert not at.exception and any("interrupted" in e.value for e in at.error)
+    at.run()  # the retry loads
+    assert not at.exception and not at.error
+    assert at.sidebar.text_area(key="w_text").value == "kept text"
+
+
+def test_out_of_memory_on_load_gives_a_message(monkeypatch, ln_dir, noln_dir):
+    import pages._common as common
+
+    def oom(spec, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(common.noln_core, "load_model", oom)
+    common.model_store().clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({"model_a": str(ln_dir), "model_b": str(noln_dir), "text": "kept text"})
+    at.run()
+    assert not at.exception and any("Out of memory" in e.value for e in at.error)
+    assert at.sidebar.text_area(key="w_text").value == "kept text"
+    common.model_store().clear()
+
+
+def test_switching_a_model_between_runs_is_safe(ln_dir, noln_dir):
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({"model_a": str(ln_dir), "model_b": str(noln_dir)})
+    at.run()
+    before = at.session_state["_run"][1]
+    at.sidebar.selectbox(key="w_model_b").set_value("Other (repo id or local directory)…").run()
+    at.sidebar.text_input(key="w_model_b_custom").set_value(str(ln_dir)).run()
+    assert not at.exception and not at.error
+    after = at.session_state["_run"][1]
+    assert [r.info.ln_free for r in after.runs] == [False, False]
+    assert [r.info.ln_free for r in before.runs] == [False, True]  # an earlier result stays intact
