@@ -298,12 +298,17 @@ class LoadedModel:
                 q, k, v = (t.unflatten(-1, (H, dh)) for t in qkv.split(info.d_model, dim=-1))
                 put(b + "attn.hook_q", q), put(b + "attn.hook_k", k), put(b + "attn.hook_v", v)
                 div = math.sqrt(dh) * ((layer + 1) if self.scale_attn_by_inverse_layer_idx else 1)
-                scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / div
-                scores = scores.masked_fill(~mask, float("-inf"))
-                put(b + "attn.hook_attn_scores", scores)
-                pattern = scores.softmax(-1)
-                put(b + "attn.hook_pattern", pattern)
-                z = torch.einsum("bhqk,bkhd->bqhd", pattern.to(dtype), v)
+                if want(b + "attn.hook_attn_scores") or want(b + "attn.hook_pattern"):
+                    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / div
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                    put(b + "attn.hook_attn_scores", scores)
+                    pattern = scores.softmax(-1)
+                    put(b + "attn.hook_pattern", pattern)
+                    z = torch.einsum("bhqk,bkhd->bqhd", pattern.to(dtype), v)
+                else:  # nobody looks at the pattern: the fused kernel, as transformers uses
+                    z = torch.nn.functional.scaled_dot_product_attention(
+                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0 / div
+                    ).transpose(1, 2)
                 put(b + "attn.hook_z", z)
                 attn_out = z.flatten(-2) @ w.W_O[layer] + w.b_O[layer]
                 put(b + "hook_attn_out", attn_out)

@@ -118,3 +118,15 @@ def test_context_window_is_enforced(ln_model):
 def test_run_outputs_are_deterministic(ln_model):
     ids = torch.tensor([tokenize(ln_model, PROMPTS[2])])
     assert np.array_equal(ln_model.forward(ids).numpy(), ln_model.forward(ids).numpy())
+
+
+@pytest.mark.parametrize("which", ["ln", "noln"])
+def test_fused_attention_path_equals_the_explicit_one(request, which):
+    """Without pattern observers the fused kernel runs; it must give what the observed, explicit path gives."""
+    model = request.getfixturevalue(f"{which}_model")
+    ids = torch.tensor([tokenize(model, PROMPTS[0])])
+    fused = model.forward(ids)
+    seen = []
+    explicit = model.forward(ids, observer=lambda n, _: seen.append(n), wants=lambda n: n.endswith("hook_pattern"))
+    assert len(seen) == model.info.n_layers
+    assert torch.allclose(fused, explicit, atol=1e-5)
