@@ -239,7 +239,8 @@ def table(rows, args) -> str:
     for size, what, measured, floor, ratio, target, sense in rows:
         ok = "" if target is None else (" ✅" if (ratio <= target if sense == "≤" else ratio >= target) else " ❌")
         tgt = "" if target is None else f"{sense} {target:g}×{ok}"
-        head.append(f"| {size} | {what} | {measured} | {floor} | {ratio:.2f}× | {tgt} |")
+        shown = f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.3f}"
+        head.append(f"| {size} | {what} | {measured} | {floor} | {shown}× | {tgt} |")
     return "\n".join(head) + "\n"
 
 
