@@ -285,11 +285,18 @@ def token_controls(models: tuple[LoadedModel, ...]) -> None:
         chosen = st.selectbox("Position analysed", list(range(n)), index=pos, format_func=lambda i: labels[i], key="w_position",
                               help="The token whose next-token prediction is analysed.")
         _set_state(position=-1 if chosen == n - 1 else chosen)  # -1 keeps meaning "the last" when the text changes
-        try:
-            _, base = run(models, s.text, None, None, state().position, s.bos)
-        except NolnError as err:
-            st.error(md(str(err)))
-            return
+        # With both tokens known (a preset, a link) the run with them serves the pickers too: one run, not two.
+        tokens = (state().answer, state().counterfactual)
+        attempts = [tokens, (None, None)] if None not in tokens else [(None, None)]
+        base = None
+        for answer, counterfactual in attempts:
+            try:
+                _, base = run(models, s.text, answer, counterfactual, state().position, s.bos)
+                break
+            except NolnError as err:
+                if answer is None:  # the text itself is the problem
+                    st.error(md(str(err)))
+                    return
         p = base.position
         candidates: list[str] = []
         for r in base.runs:

@@ -243,3 +243,16 @@ def test_legacy_first_request_is_sent_through_the_app(ln_dir, noln_dir):
     assert [h.value for h in at.header] == ["Attribution: who wrote the logit difference?"]
     assert at.sidebar.text_area(key="w_text").value == PROMPTS[0]
     assert at.query_params["page"] == "attribution"
+
+
+def test_a_link_with_tokens_runs_each_model_once(ln_dir, noln_dir, monkeypatch):
+    """The pickers reuse the run that has the link's tokens: one forward pass per model, not two."""
+    from noln_core.model import LoadedModel
+
+    calls = []
+    original = LoadedModel.forward
+    monkeypatch.setattr(LoadedModel, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    at = make_app(ln_dir, noln_dir, text="A text no other test uses, run once.", answer=" the", counterfactual=" a")
+    at.run()
+    assert_clean(at)
+    assert len(calls) == 2
