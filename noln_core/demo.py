@@ -44,10 +44,6 @@ def demo_paths(root: Path = DEMO_DIR) -> tuple[Path, Path]:
     return root / BASE_NAME, root / NOLN_NAME
 
 
-def available(root: Path = DEMO_DIR) -> bool:
-    return all((p / "model.safetensors").is_file() and (p / "config.json").is_file() for p in demo_paths(root))
-
-
 def kjv_chapters() -> list[tuple[str, list[str]]]:
     """``(heading, verses)`` for all 1,189 chapters, read with Debian's ``bible`` program."""
     try:

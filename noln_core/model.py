@@ -289,7 +289,6 @@ class LoadedModel:
             put("hook_embed", embed)
             put("hook_pos_embed", pos.expand_as(embed))
             resid = embed + pos
-            mask = torch.ones(n, n, dtype=torch.bool, device=resid.device).tril()
             for layer in range(info.n_layers):
                 b = f"blocks.{layer}."
                 put(b + "hook_resid_pre", resid)
@@ -300,7 +299,8 @@ class LoadedModel:
                 div = math.sqrt(dh) * ((layer + 1) if self.scale_attn_by_inverse_layer_idx else 1)
                 if want(b + "attn.hook_attn_scores") or want(b + "attn.hook_pattern"):
                     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / div
-                    scores = scores.masked_fill(~mask, float("-inf"))
+                    causal = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+                    scores = scores.masked_fill(~causal, float("-inf"))
                     put(b + "attn.hook_attn_scores", scores)
                     pattern = scores.softmax(-1)
                     put(b + "attn.hook_pattern", pattern)
@@ -346,10 +346,3 @@ class LoadedModel:
         logits = self.forward(tokens, observer=cache.__setitem__, wants=names_filter)
         assert logits is not None
         return logits, cache
-
-    def final_norm(self, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Centre ``resid`` (..., d) and return ``(centred, scale)``; scale is 1 for LN-free models."""
-        centred, scale = _scale(resid, self.info.eps)
-        if self.ln_free:
-            scale = torch.ones_like(scale)
-        return centred, scale

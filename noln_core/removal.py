@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -366,7 +366,6 @@ class TrainConfig:
     weight_decay: float = 0.1
     seed: int = 0
     checkpoint_every: int = 50
-    extra: dict = field(default_factory=dict)
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:

@@ -19,7 +19,6 @@ Switching pages or flipping a display toggle therefore never reruns a model.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from dataclasses import replace
 from typing import Any

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import PROMPTS
 from noln_core import (
     attention, compare, direct_logit_attribution, figures, head_direct_effects, logit_difference, next_token,
     residual_norms, tables,
