@@ -1,33 +1,41 @@
 """noln_core: GPT-2 beside its LayerNorm-free fine-tunes, analysed exactly.
 
-Load -> run -> analyse: :func:`load_model` gives ready models (LayerNorms folded;
-none at all for LN-free checkpoints), :func:`compare` runs them side by side on
-the same token ids, and each analysis is a pure function of that run.
+Load -> run -> analyse -> draw, each a layer that imports only the ones below it:
+
+* the core (this folder): :func:`load_model` (:mod:`.loading`, reading through
+  :mod:`.checkpoint`, folding in :mod:`.model`, tokenising in :mod:`.tokenizer`),
+  the :data:`REGISTRY`, the :class:`~noln_core.store.ModelStore`, and
+  :func:`compare`, which runs models side by side on the same token ids;
+* :mod:`noln_core.analyses`: one module per analysis, each a pure function of a run;
+* :mod:`noln_core.viz`: figures and tables of the analyses' dataclasses;
+* :mod:`noln_core.training`: LayerNorm removal, the demo builder, corpus evaluation.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .attention import AttentionSummary, attention
-from .attribution import DirectLogitAttribution, direct_logit_attribution
-from .compare import ModelRun, RunResult, Target, compare, tokenize
-from .direct_effect import HeadDirectEffect, head_direct_effects
+from .analyses import (
+    ANALYSES, AttentionSummary, DirectLogitAttribution, HeadDirectEffect, LogitDiffAnalysis, NextTokenAnalysis,
+    ResidualNorms, attention, direct_logit_attribution, head_direct_effects, logit_difference, next_token,
+    residual_norms,
+)
+from .compare import ModelRun, RunResult, Target, compare
 from .errors import (
     CorruptCheckpointError, InputError, ModelLoadError, NolnError, NotGPT2Error, OfflineError,
-    TokenizerMismatchError, UnknownModelError,
+    TokenizerMismatchError, UnknownModelError, UnsafeCheckpointError,
 )
-from .evaluate import CorpusLoss, corpus_loss
 from .loading import load_model
-from .logit_diff import LogitDiffAnalysis, logit_difference
 from .model import LoadedModel, ModelInfo
-from .next_token import NextTokenAnalysis, next_token
 from .registry import DEFAULT_PAIR, DEMO_PAIR, REGISTRY, KnownModel, default_pair, list_revisions, parse_spec
-from .residual_norms import ResidualNorms, residual_norms
+from .tokenizer import tokenize
+from .training.evaluate import CorpusLoss, corpus_loss
+
 
 __all__ = [
-    "AttentionSummary", "CorpusLoss", "CorruptCheckpointError", "DEFAULT_PAIR", "DEMO_PAIR", "DirectLogitAttribution",
-    "HeadDirectEffect", "InputError", "KnownModel", "LoadedModel", "LogitDiffAnalysis", "ModelInfo", "ModelLoadError",
-    "ModelRun", "NextTokenAnalysis", "NolnError", "NotGPT2Error", "OfflineError", "REGISTRY", "ResidualNorms",
-    "RunResult", "Target", "TokenizerMismatchError", "UnknownModelError", "attention", "compare", "corpus_loss",
-    "default_pair", "direct_logit_attribution", "head_direct_effects", "list_revisions", "load_model",
-    "logit_difference", "next_token", "parse_spec", "residual_norms", "tokenize",
+    "ANALYSES", "AttentionSummary", "CorpusLoss", "CorruptCheckpointError", "DEFAULT_PAIR", "DEMO_PAIR",
+    "DirectLogitAttribution", "HeadDirectEffect", "InputError", "KnownModel", "LoadedModel", "LogitDiffAnalysis",
+    "ModelInfo", "ModelLoadError", "ModelRun", "NextTokenAnalysis", "NolnError", "NotGPT2Error", "OfflineError",
+    "REGISTRY", "ResidualNorms", "RunResult", "Target", "TokenizerMismatchError", "UnknownModelError",
+    "UnsafeCheckpointError", "attention", "compare", "corpus_loss", "default_pair", "direct_logit_attribution",
+    "head_direct_effects", "list_revisions", "load_model", "logit_difference", "next_token", "parse_spec",
+    "residual_norms", "tokenize",
 ]

@@ -17,16 +17,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__
-from .attention import attention
-from .attribution import direct_logit_attribution
+from .analyses import (
+    attention, direct_logit_attribution, head_direct_effects, logit_difference, next_token, residual_norms,
+)
 from .compare import RunResult, compare
-from .direct_effect import head_direct_effects
 from .errors import InputError, NolnError
 from .loading import load_model
-from .logit_diff import logit_difference
-from .next_token import next_token
+from .model import DTYPES
 from .registry import DEFAULT_PAIR, DEMO_PAIR, REGISTRY, default_pair, parse_spec
-from .residual_norms import residual_norms
+from .tokenizer import decode_utf8
 
 EXIT_BAD_INPUT = 2
 TOP_NEURONS = 10
@@ -165,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--position", type=int, default=-1, help="token position analysed (default -1, the last)")
     cmp.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|>")
     cmp.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-    cmp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    cmp.add_argument("--dtype", default="float32", choices=list(DTYPES))
     cmp.add_argument("--json", action="store_true", help="print the full JSON report instead of a summary")
     sub.add_parser("models", help="list the registry of known models")
     rm = sub.add_parser(
@@ -196,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: the context window)")
     ev.add_argument("--batch", type=int, default=8)
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--dtype", default="float32", choices=list(DTYPES))
     demo = sub.add_parser("make-demo", help="rebuild the offline demo pair (GPT-2 on the King James Bible, and its LN-free fine-tune)",
                           description="Seeded rebuild of noln_core/data/demo (needs Debian's bible-kjv for the text).")
     demo.add_argument("--out", default=None, help="output directory (default: the shipped noln_core/data/demo)")
@@ -215,8 +214,8 @@ def _progress(total: int, desc: str):
 def _run_remove_ln(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .compare import tokenize
-    from .removal import Schedule, TrainConfig, remove_layernorm
+    from .tokenizer import tokenize
+    from .training.removal import Schedule, TrainConfig, remove_layernorm
 
     base = Path(os.path.expanduser(args.base))
     if not base.is_dir():
@@ -227,10 +226,7 @@ def _run_remove_ln(args: argparse.Namespace) -> int:
     model = load_model(str(base), device="cpu")
     if model.ln_free:
         raise InputError(f"{args.base} is already LN-free")
-    try:
-        text = data.read_text()
-    except UnicodeDecodeError as err:
-        raise InputError(f"--data {args.data!r} is not UTF-8 text") from err
+    text = decode_utf8(data.read_bytes(), f"--data {args.data!r}")
     tokens = np.array(tokenize(model, text, prepend_bos=False), dtype=np.int64)
     if len(tokens) < 2 * args.block:
         raise InputError(f"--data holds {len(tokens)} tokens; at least {2 * args.block} are needed for --block {args.block}")
@@ -250,16 +246,13 @@ def _run_remove_ln(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .compare import tokenize
-    from .evaluate import corpus_loss
+    from .tokenizer import tokenize
+    from .training.evaluate import corpus_loss
 
     data = Path(os.path.expanduser(args.data))
     if not data.is_file():
         raise InputError(f"--data {args.data!r} is not a file: give a plain-text file")
-    try:
-        text = data.read_text()
-    except UnicodeDecodeError as err:
-        raise InputError(f"--data {args.data!r} is not UTF-8 text") from err
+    text = decode_utf8(data.read_bytes(), f"--data {args.data!r}")
     results = []
     for spec in args.model:
         source, revision = (spec, None) if os.path.exists(os.path.expanduser(spec)) else parse_spec(spec)
@@ -279,10 +272,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _run_make_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import demo
+    from .paths import DEMO_DIR
+    from .training import demo
 
     try:
-        demo.build(Path(args.out) if args.out else demo.DEMO_DIR, seed=args.seed, steps=args.steps,
+        demo.build(Path(args.out) if args.out else DEMO_DIR, seed=args.seed, steps=args.steps,
                    removal_steps=args.removal_steps, progress=_progress, log=lambda m: print(m, file=sys.stderr))
     except RuntimeError as err:
         raise InputError(str(err)) from err
@@ -290,7 +284,7 @@ def _run_make_demo(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = decode_utf8(sys.stdin.buffer.read(), "the text on stdin") if args.text == "-" else args.text
     if text == "" or text is None:
         raise InputError("the text is empty: pass --text 'some words' (or --text - to read stdin)")
     specs = args.model or list(default_pair())

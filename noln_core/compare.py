@@ -1,17 +1,24 @@
 """One side-by-side run: tokenise once, run every model once, keep what the analyses need.
 
 ``compare`` returns a :class:`RunResult`: frozen dataclasses holding read-only
-NumPy arrays on the CPU, the same token ids for every model.  The analysis
-modules (:mod:`noln_core.next_token`, :mod:`~noln_core.logit_diff`,
-:mod:`~noln_core.residual_norms`, :mod:`~noln_core.attribution`,
-:mod:`~noln_core.direct_effect`, :mod:`~noln_core.attention`) are pure
-functions of it.
+NumPy arrays on the CPU, the same token ids for every model.  The analyses
+(:mod:`noln_core.analyses`) are pure functions of it.
 
-Only what an analysis reads is captured, reduced as the forward pass goes
-(norms instead of residual streams, one query row of each attention pattern
-instead of all of them), so a 1024-token run of GPT-2 small keeps a few MB
-per model rather than the gigabyte a full cache would hold.  Full attention
-patterns are kept while they fit ``max_pattern_elements``.
+What a forward pass keeps is decided by :class:`Capture`, one small reducer
+per hook name: norms instead of residual streams, attention on position 0 and
+the analysed query's pattern row instead of whole patterns, the residual
+writes at the analysed position.  A 1024-token run of GPT-2 small so keeps a
+few MB per model rather than the gigabyte a full cache would hold.  Full
+attention patterns are kept only on request (``keep_patterns``), and only
+while they fit ``max_pattern_elements``.
+
+The attributed direction is applied *after* the forward pass, so the run can
+choose its own target (``auto_target``: what the app's pickers default to) and
+a text is run once however the target is found.  The analyses then do the
+maths: dividing by the final LN's scale, reading the lens, the NMAE, the sink
+rates.  Two projections onto the direction happen here because their inputs
+are too large to keep: each head's value writes at every source position
+(``L x H x n x d``) and each MLP neuron's write (``L x d_mlp x d``).
 """
 
 from __future__ import annotations
@@ -22,16 +29,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .divergence import entropy, js_divergence, kl_divergence
 from .errors import InputError, TokenizerMismatchError
 from .model import LoadedModel, ModelInfo
-from .next_token import entropy, js_divergence, kl_divergence
+from .tokenizer import decode_rows, resolve_token, token_pieces, tokenize
 
 TOP_K = 10
 MAX_PATTERN_ELEMENTS = 16_000_000
 """Full attention patterns (layers x heads x n x n floats) are kept up to this size (64 MB)."""
+DEVIATION_WARNING = 1e-3
+"""A run warns when the stored eps-1e12 checkpoint would deviate from the exact LN-free model by more than this."""
 
 
-def _frozen(x: torch.Tensor | np.ndarray, dtype: type = np.float32) -> np.ndarray:
+def frozen(x: torch.Tensor | np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """A read-only CPU copy, so results can be shared between threads and cached safely."""
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     arr = np.ascontiguousarray(arr, dtype=dtype)
@@ -51,15 +61,18 @@ class Target:
     answer_pieces: tuple[str, ...]
     """How the answer text split into tokens (only the first is used)."""
     counterfactual_pieces: tuple[str, ...]
+    chosen_by_run: bool = False
+    """True when ``compare`` picked the target itself (``auto_target``)."""
 
 
 @dataclass(frozen=True)
 class AttributionCapture:
-    """Everything one model's attribution analyses need at the target position ``p``.
+    """Everything one model's attribution analyses need at the analysed position ``p``.
 
     ``u`` is the (centred) unembedding direction of the logit difference and
     ``scale`` the final LN's divisor at ``p`` (1 for LN-free models), so a
-    residual-stream vector ``x`` contributes ``x . u / scale``.
+    residual-stream vector ``x`` contributes ``(C x) . u / scale``.  The
+    projections below are *not* divided by ``scale``; the analyses do that.
     """
 
     logit_diff: float
@@ -78,11 +91,11 @@ class AttributionCapture:
     attn_bias: np.ndarray
     """(L, d_model) ``b_O``: the part of each attention layer's output that belongs to no head."""
     head_source: np.ndarray
-    """(L, H, n) DLA of each head split by source token: ``pattern[p, s] * v_s W_O^h . u / scale``."""
+    """(L, H, n) each head's write at ``p`` split by source token, projected: ``pattern[p, s] * (v_s W_O^h) . u``."""
     neurons: np.ndarray
-    """(L, d_mlp) DLA of each MLP neuron: ``post[p, i] * W_out[i] . u / scale``."""
+    """(L, d_mlp) each MLP neuron's write at ``p``, projected: ``post[p, i] * W_out[i] . u``."""
     mlp_bias: np.ndarray
-    """(L,) DLA of each MLP's output bias."""
+    """(L,) each MLP output bias, projected: ``b_out . u``."""
     accumulated: np.ndarray
     """(2L + 1, d_model) residual stream at ``p``: resid_pre_0, resid_mid_0, resid_pre_1, ..., final resid_post."""
     accumulated_labels: tuple[str, ...]
@@ -123,7 +136,7 @@ class ModelRun:
     attn_to_first: np.ndarray
     """(L, H, n) attention each query position pays to position 0."""
     attn_patterns: np.ndarray | None
-    """(L, H, n, n) full patterns, or None when larger than ``max_pattern_elements``."""
+    """(L, H, n, n) full patterns, or None unless asked for (``keep_patterns``) and small enough."""
     hf_deviation: float | None
     """LN-free only: the largest relative gap ``1 - 1/sqrt(1 + var/eps)`` between the stored checkpoint (run with
     its eps-1e12 LayerNorms) and this exact LN-free model, over every LN input of this run."""
@@ -133,6 +146,11 @@ class ModelRun:
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this run's arrays (what a cache of runs should count)."""
+        return nbytes(self)
 
 
 @dataclass(frozen=True)
@@ -179,40 +197,33 @@ class RunResult:
     def n_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the result's arrays: the figure a byte-bounded cache counts."""
+        return nbytes(self)
 
-def tokenize(model: LoadedModel, text: str, prepend_bos: bool = True) -> list[int]:
-    """Token ids of ``text`` with the model's tokenizer, BOS (``<|endoftext|>``) first if asked."""
-    ids = model.tokenizer.encode(text, add_special_tokens=False).ids
-    return ([model.info.bos_token_id] if prepend_bos else []) + list(ids)
+    def candidates(self) -> list[str]:
+        """Every model's top predictions at the analysed position, in order, each once (the app's pickers)."""
+        seen: list[str] = []
+        for run in self.runs:
+            for token in run.top_tokens[self.position]:
+                if token not in seen:
+                    seen.append(token)
+        return seen
 
 
-def token_pieces(model: LoadedModel, ids: Sequence[int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(decoded, pieces)`` for each id: its text alone and its byte-level BPE piece."""
-    tok = model.tokenizer
-    decoded = tuple(tok.decode([int(i)], skip_special_tokens=False) for i in ids)
-    pieces = tuple(tok.id_to_token(int(i)) or f"<{int(i)}>" for i in ids)
-    return decoded, pieces
+def nbytes(obj) -> int:
+    """Bytes of the NumPy arrays in ``obj``: an array, or dataclasses and tuples of them, recursively.
 
-
-def resolve_token(model: LoadedModel, token: str | int, what: str) -> tuple[int, tuple[str, ...], list[str]]:
-    """Turn an answer/counterfactual into one token id, warning if it splits into several."""
-    warnings: list[str] = []
-    if isinstance(token, (int, np.integer)) and not isinstance(token, bool):
-        if not 0 <= int(token) < model.info.d_vocab:
-            raise InputError(f"{what} token id {token} is outside the vocabulary (0..{model.info.d_vocab - 1})")
-        piece = model.tokenizer.decode([int(token)], skip_special_tokens=False)
-        return int(token), (piece,), warnings
-    if not isinstance(token, str) or token == "":
-        raise InputError(f"the {what} is empty: give a token such as ' Paris' (mind the leading space)")
-    ids = model.tokenizer.encode(token, add_special_tokens=False).ids
-    if not ids:
-        raise InputError(f"the {what} {token!r} produced no tokens")
-    pieces = tuple(model.tokenizer.decode([i], skip_special_tokens=False) for i in ids)
-    if len(ids) > 1:
-        warnings.append(
-            f"the {what} {token!r} is {len(ids)} tokens {list(pieces)}; its first token {pieces[0]!r} is used"
-        )
-    return int(ids[0]), pieces, warnings
+    Strings and scalars are not counted (they are small next to the arrays of any run).
+    """
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (tuple, list)):
+        return sum(nbytes(v) for v in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(nbytes(getattr(obj, name)) for name in obj.__dataclass_fields__)
+    return 0
 
 
 def _check_models(models: Sequence[LoadedModel]) -> None:
@@ -230,6 +241,8 @@ def _check_models(models: Sequence[LoadedModel]) -> None:
 def _shared_ids(models: Sequence[LoadedModel], text: str, prepend_bos: bool) -> list[int]:
     ids = tokenize(models[0], text, prepend_bos)
     for other in models[1:]:
+        if other.tokenizer is models[0].tokenizer:
+            continue
         other_ids = tokenize(other, text, prepend_bos)
         if other_ids != ids:
             at = next((i for i, (x, y) in enumerate(zip(ids, other_ids)) if x != y), min(len(ids), len(other_ids)))
@@ -240,154 +253,169 @@ def _shared_ids(models: Sequence[LoadedModel], text: str, prepend_bos: bool) -> 
     return ids
 
 
-class _Capture:
-    """Reduces one forward pass's activations to what :class:`ModelRun` keeps."""
+class Capture:
+    """Reduces one forward pass's activations to what :class:`ModelRun` keeps.
 
-    def __init__(self, model: LoadedModel, n: int, p: int, u: torch.Tensor | None, keep_patterns: bool):
-        info = model.info
-        self.model, self.p, self.u, self.keep_patterns = model, p, u, keep_patterns
-        L = info.n_layers
-        self.norms = {k: [None] * L for k in ("resid_pre", "resid_mid", "resid_post")}
-        self.scales = {k: [None] * L for k in ("ln1", "ln2")}
+    One reducer per hook (``REDUCERS``), each keeping a per-layer reduction
+    in ``self.kept[hook tail][layer]``.  Nothing here depends on the target.
+    """
+
+    def __init__(self, model: LoadedModel, p: int, keep_patterns: bool):
+        self.model, self.p, self.keep_patterns = model, p, keep_patterns
+        self.L = model.info.n_layers
+        self.kept: dict[str, list] = {}
+        self.embed_at_p: list[torch.Tensor] = []
         self.final_scale: torch.Tensor | None = None
-        self.to_first: list = [None] * L
-        self.patterns: list = [None] * L
-        self.v_proj: list = [None] * L  # (H, n): v_s W_O^h . u, waiting for the pattern
-        self.at_p: dict[str, list] = {k: [None] * L for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out")}
-        self.final_resid: torch.Tensor | None = None
-        self.head_out: list = [None] * L
-        self.head_source: list = [None] * L
-        self.neurons: list = [None] * L
         self.max_var = 0.0
+        self.q_p: torch.Tensor | None = None
+
+    def _keep(self, tail: str, layer: int, value: torch.Tensor) -> None:
+        self.kept.setdefault(tail, [None] * self.L)[layer] = value
 
     def wants(self, name: str) -> bool:
         tail = name.rsplit(".", 1)[-1]
-        if tail in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_scale", "hook_pattern"):
-            return True
-        return self.u is not None and tail in ("hook_z", "hook_v", "hook_attn_out", "hook_mlp_out", "hook_post", "hook_embed", "hook_pos_embed")
+        if tail == "hook_pattern":
+            return self.keep_patterns
+        return tail in self.REDUCERS or name in ("hook_embed", "hook_pos_embed", "ln_final.hook_scale")
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        parts = name.split(".")
-        if parts[0] != "blocks":
+        if not name.startswith("blocks."):
             if name == "ln_final.hook_scale":
                 self.final_scale = x[0, :, 0]
-            elif name in ("hook_embed", "hook_pos_embed"):
-                self.at_p.setdefault(name, x[0, self.p])
+            else:  # hook_embed, hook_pos_embed
+                self.embed_at_p.append(x[0, self.p].float())
             return
+        parts = name.split(".")
         layer, tail = int(parts[1]), parts[-1]
-        w = self.model.weights
-        if tail in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post"):
-            key = tail.removeprefix("hook_")
-            xf = x[0].float()
-            self.norms[key][layer] = xf.norm(dim=-1)
-            if key != "resid_post":
-                self.at_p[key][layer] = xf[self.p]
-            if self.model.ln_free and (key != "resid_post" or layer == self.model.info.n_layers - 1):
-                self.max_var = max(self.max_var, float((xf - xf.mean(-1, keepdim=True)).pow(2).mean(-1).max()))
-            if key == "resid_post" and layer == self.model.info.n_layers - 1:
-                self.final_resid = xf[self.p]
-        elif tail == "hook_scale":
-            self.scales["ln1" if parts[2] == "ln1" else "ln2"][layer] = x[0, :, 0]
-        elif tail == "hook_pattern":
-            pat = x[0]  # (H, n, n)
-            self.to_first[layer] = pat[:, :, 0]
-            if self.u is not None:
-                self.head_source[layer] = pat[:, self.p, :].float() * self.v_proj[layer]
-            if self.keep_patterns:
-                self.patterns[layer] = pat
-        elif tail == "hook_v":
-            # head_source = pattern[h, p, s] * (v[s, h] . W_O^h u), finished when the pattern arrives.
-            H, dh = self.model.info.n_heads, self.model.info.d_head
-            Wo_u = (w.W_O[layer].float() @ self.u).view(H, dh)  # (H, dh)
-            self.v_proj[layer] = torch.einsum("shd,hd->hs", x[0].float(), Wo_u)
-        elif tail == "hook_z":
-            H, dh = self.model.info.n_heads, self.model.info.d_head
-            z = x[0, self.p].float()  # (H, dh)
-            Wo = w.W_O[layer].float().view(H, dh, -1)
-            self.head_out[layer] = torch.einsum("hd,hdm->hm", z, Wo)
-        elif tail in ("hook_attn_out", "hook_mlp_out"):
-            self.at_p[tail.removeprefix("hook_")][layer] = x[0, self.p].float()
-        elif tail == "hook_post":
-            self.neurons[layer] = x[0, self.p].float() * (w.W_out[layer].float() @ self.u)
+        if tail == "hook_scale":
+            tail = f"{parts[2]}.hook_scale"  # ln1 or ln2
+        self.REDUCERS[parts[-1]](self, tail, layer, x[0])
+
+    # -- reducers: (self, tail, layer, activation without the batch axis) ----------------------------------------
+
+    def _resid(self, tail: str, layer: int, x: torch.Tensor) -> None:
+        xf = x.float()
+        self._keep(tail + ".norm", layer, xf.norm(dim=-1))
+        self._keep(tail + ".at_p", layer, xf[self.p])
+        last = tail == "hook_resid_post" and layer == self.L - 1
+        if self.model.ln_free and (tail != "hook_resid_post" or last):
+            self.max_var = max(self.max_var, float(xf.var(-1, unbiased=False).max()))
+
+    def _scale(self, tail: str, layer: int, x: torch.Tensor) -> None:
+        self._keep(tail, layer, x[:, 0])
+
+    def _to_first(self, tail: str, layer: int, x: torch.Tensor) -> None:
+        self._keep(tail, layer, x.float())  # (H, n)
+
+    def _pattern(self, tail: str, layer: int, x: torch.Tensor) -> None:
+        self._keep(tail, layer, x)
+
+    def _q(self, tail: str, layer: int, x: torch.Tensor) -> None:
+        self.q_p = x[self.p].float()  # (H, dh), consumed by the keys
+
+    def _k(self, tail: str, layer: int, x: torch.Tensor) -> None:
+        """The analysed query's pattern row, ``softmax(q_p . k_s / sqrt(dh))`` over ``s <= p``: O(n), not O(n^2)."""
+        info = self.model.info
+        div = info.d_head ** 0.5 * ((layer + 1) if self.model.scale_attn_by_inverse_layer_idx else 1)
+        scores = torch.einsum("hd,shd->hs", self.q_p, x[: self.p + 1].float()) / div
+        self._keep("row_p", layer, scores.softmax(-1))
+
+    def _v(self, tail: str, layer: int, x: torch.Tensor) -> None:
+        self._keep(tail, layer, x[: self.p + 1])  # (p+1, H, dh): projected once the target is known
+
+    def _z(self, tail: str, layer: int, x: torch.Tensor) -> None:
+        self._keep(tail, layer, x[self.p].float())  # (H, dh)
+
+    def _out_at_p(self, tail: str, layer: int, x: torch.Tensor) -> None:
+        self._keep(tail, layer, x[self.p].float())
+
+    REDUCERS = {
+        "hook_resid_pre": _resid, "hook_resid_mid": _resid, "hook_resid_post": _resid, "hook_scale": _scale,
+        "hook_attn_to_first": _to_first, "hook_pattern": _pattern, "hook_q": _q, "hook_k": _k, "hook_v": _v,
+        "hook_z": _z, "hook_attn_out": _out_at_p, "hook_mlp_out": _out_at_p, "hook_post": _out_at_p,
+    }
+
+    def stack(self, tail: str) -> torch.Tensor:
+        return torch.stack([x.float() for x in self.kept[tail]])
 
 
-def _decode_rows(model: LoadedModel, rows: list[list[int]]) -> tuple[tuple[str, ...], ...]:
-    flat = model.tokenizer.decode_batch([[i] for row in rows for i in row], skip_special_tokens=False)
-    k = len(rows[0]) if rows else 0
-    return tuple(tuple(flat[r * k:(r + 1) * k]) for r in range(len(rows)))
-
-
-def _stack(xs: list) -> torch.Tensor:
-    return torch.stack([x.float() for x in xs])
-
-
-def _attribution(model: LoadedModel, cap: _Capture, target: Target, logprobs_p: torch.Tensor) -> AttributionCapture:
+def _attribution(model: LoadedModel, cap: Capture, target: Target, logprobs_p: torch.Tensor) -> AttributionCapture:
+    """Project what the forward pass kept onto the target's unembedding direction ``u``."""
     info, w = model.info, model.weights
-    L = info.n_layers
+    L, H, dh = info.n_layers, info.n_heads, info.d_head
     a, b = target.answer_id, target.counterfactual_id
+    u = w.unembed_direction(a, b)
     scale = 1.0 if model.ln_free else float(cap.final_scale[cap.p])  # type: ignore[index]
-    comps = [cap.at_p["hook_embed"].float(), cap.at_p["hook_pos_embed"].float()]
-    labels = ["embed", "pos_embed"]
-    for layer in range(L):
-        comps += [cap.at_p["attn_out"][layer], cap.at_p["mlp_out"][layer]]
-        labels += [f"L{layer} attn", f"L{layer} mlp"]
-    acc, acc_labels = [], []
-    for layer in range(L):
-        acc += [cap.at_p["resid_pre"][layer], cap.at_p["resid_mid"][layer]]
-        acc_labels += [f"L{layer} pre", f"L{layer} mid"]
-    acc.append(cap.final_resid)
-    acc_labels.append("final")
-    u = cap.u
-    assert u is not None
-    mlp_bias = (w.b_out.float() @ u) / scale
+    attn_out, mlp_out = cap.kept["hook_attn_out"], cap.kept["hook_mlp_out"]
+    comps = list(cap.embed_at_p) + [x for layer in range(L) for x in (attn_out[layer], mlp_out[layer])]
+    labels = ["embed", "pos_embed"] + [f"L{layer} {k}" for layer in range(L) for k in ("attn", "mlp")]
+    pre, mid = cap.kept["hook_resid_pre.at_p"], cap.kept["hook_resid_mid.at_p"]
+    acc = [x for layer in range(L) for x in (pre[layer], mid[layer])] + [cap.kept["hook_resid_post.at_p"][-1]]
+    acc_labels = [f"L{layer} {k}" for layer in range(L) for k in ("pre", "mid")] + ["final"]
+    W_O = w.W_O.float().view(L, H, dh, -1)
+    head_out = torch.einsum("lhd,lhdm->lhm", cap.stack("hook_z"), W_O)
+    Wo_u = W_O @ u  # (L, H, dh)
+    head_source = torch.stack([
+        cap.kept["row_p"][layer] * torch.einsum("shd,hd->hs", cap.kept["hook_v"][layer].float(), Wo_u[layer])
+        for layer in range(L)
+    ])
+    n = len(cap.kept["hook_resid_pre.norm"][0])
+    if head_source.shape[-1] < n:  # sources after p get no attention from p
+        head_source = torch.nn.functional.pad(head_source, (0, n - head_source.shape[-1]))
+    neurons = cap.stack("hook_post") * (w.W_out.float() @ u)
     return AttributionCapture(
-        logit_diff=float(logprobs_p[a] - logprobs_p[b]),
-        constant=w.unembed_constant(a, b),
-        u=_frozen(u), scale=scale,
-        components=_frozen(_stack(comps)), component_labels=tuple(labels),
-        head_out=_frozen(_stack(cap.head_out)), attn_bias=_frozen(w.b_O.float()),
-        head_source=_frozen(_stack(cap.head_source) / scale),
-        neurons=_frozen(_stack(cap.neurons) / scale), mlp_bias=_frozen(mlp_bias),
-        accumulated=_frozen(_stack(acc)), accumulated_labels=tuple(acc_labels),
-        eps=info.eps, ln_free=model.ln_free,
+        logit_diff=float(logprobs_p[a] - logprobs_p[b]), constant=w.unembed_constant(a, b), u=frozen(u), scale=scale,
+        components=frozen(torch.stack(comps)), component_labels=tuple(labels),
+        head_out=frozen(head_out), attn_bias=frozen(w.b_O.float()), head_source=frozen(head_source),
+        neurons=frozen(neurons), mlp_bias=frozen(w.b_out.float() @ u),
+        accumulated=frozen(torch.stack(acc)), accumulated_labels=tuple(acc_labels), eps=info.eps, ln_free=model.ln_free,
     )
 
 
-def _run_one(
-    model: LoadedModel, ids: list[int], p: int, target: Target | None, keep_patterns: bool
-) -> tuple[ModelRun, torch.Tensor]:
-    """Run ``model`` once; return its :class:`ModelRun` and the full (n, vocab) log-probs for the pair stats."""
-    tokens = torch.tensor([ids], dtype=torch.long)
-    u = model.weights.unembed_direction(target.answer_id, target.counterfactual_id) if target else None
-    cap = _Capture(model, len(ids), p, u, keep_patterns)
-    logits = model.forward(tokens, observer=cap, wants=cap.wants)
+def _forward(model: LoadedModel, ids: list[int], p: int, keep_patterns: bool) -> tuple[Capture, torch.Tensor]:
+    """Run ``model`` once; return its capture and the full (n, vocab) log-probs."""
+    cap = Capture(model, p, keep_patterns)
+    logits = model.forward(torch.tensor([ids], dtype=torch.long), observer=cap, wants=cap.wants)
     assert logits is not None
-    logprobs = logits[0].float().log_softmax(-1)
+    return cap, logits[0].float().log_softmax(-1)
+
+
+def _model_run(model: LoadedModel, ids: list[int], cap: Capture, logprobs: torch.Tensor, target: Target | None,
+               keep_patterns: bool) -> ModelRun:
+    p = cap.p
     top = logprobs.topk(min(TOP_K, logprobs.shape[-1]), dim=-1)
     nxt = torch.tensor(ids[1:], device=logprobs.device)
     next_lp = logprobs[:-1].gather(-1, nxt[:, None])[:, 0] if len(ids) > 1 else logprobs.new_zeros(0)
     ln = not model.ln_free
-    hf_dev = None
-    if model.ln_free:
-        hf_dev = float(1.0 - (1.0 + cap.max_var / model.info.eps) ** -0.5)
-    run = ModelRun(
+    return ModelRun(
         info=model.info,
-        next_logprobs=_frozen(next_lp), entropy=_frozen(entropy(logprobs)),
-        top_ids=_frozen(top.indices, np.int64), top_logprobs=_frozen(top.values),
-        top_tokens=_decode_rows(model, top.indices.tolist()),
-        position_logprobs=_frozen(logprobs[p]),
-        resid_pre_norm=_frozen(_stack(cap.norms["resid_pre"])),
-        resid_mid_norm=_frozen(_stack(cap.norms["resid_mid"])),
-        resid_post_norm=_frozen(_stack(cap.norms["resid_post"])),
-        ln1_scale=_frozen(_stack(cap.scales["ln1"])) if ln else None,
-        ln2_scale=_frozen(_stack(cap.scales["ln2"])) if ln else None,
-        ln_final_scale=_frozen(cap.final_scale) if ln else None,  # type: ignore[arg-type]
-        attn_to_first=_frozen(_stack(cap.to_first)),
-        attn_patterns=_frozen(_stack(cap.patterns)) if keep_patterns else None,
-        hf_deviation=hf_dev,
+        next_logprobs=frozen(next_lp), entropy=frozen(entropy(logprobs)),
+        top_ids=frozen(top.indices, np.int64), top_logprobs=frozen(top.values),
+        top_tokens=decode_rows(model.tokenizer, top.indices.tolist()),
+        position_logprobs=frozen(logprobs[p]),
+        resid_pre_norm=frozen(cap.stack("hook_resid_pre.norm")),
+        resid_mid_norm=frozen(cap.stack("hook_resid_mid.norm")),
+        resid_post_norm=frozen(cap.stack("hook_resid_post.norm")),
+        ln1_scale=frozen(cap.stack("ln1.hook_scale")) if ln else None,
+        ln2_scale=frozen(cap.stack("ln2.hook_scale")) if ln else None,
+        ln_final_scale=frozen(cap.final_scale) if ln else None,  # type: ignore[arg-type]
+        attn_to_first=frozen(cap.stack("hook_attn_to_first")),
+        attn_patterns=frozen(cap.stack("hook_pattern")) if keep_patterns else None,
+        hf_deviation=float(1.0 - (1.0 + cap.max_var / model.info.eps) ** -0.5) if model.ln_free else None,
         attribution=_attribution(model, cap, target, logprobs[p]) if target else None,
     )
-    return run, logprobs
+
+
+def _auto_target(model: LoadedModel, candidates: list[str]) -> Target | None:
+    """Model A's top prediction against the next distinct candidate: the app's default pickers."""
+    if len(candidates) < 2:
+        return None
+    a_id, a_pieces, _ = resolve_token(model.tokenizer, model.info.d_vocab, candidates[0], "answer")
+    for other in candidates[1:]:
+        b_id, b_pieces, _ = resolve_token(model.tokenizer, model.info.d_vocab, other, "counterfactual")
+        if b_id != a_id:
+            return Target(a_id, b_id, candidates[0], other, a_pieces, b_pieces, chosen_by_run=True)
+    return None
 
 
 def compare(
@@ -398,8 +426,10 @@ def compare(
     position: int = -1,
     prepend_bos: bool = True,
     *,
+    keep_patterns: bool = True,
     max_pattern_elements: int = MAX_PATTERN_ELEMENTS,
     max_tokens: int | None = None,
+    auto_target: bool = False,
 ) -> RunResult:
     """Run every model once on the same token ids and capture what the analyses need.
 
@@ -409,12 +439,18 @@ def compare(
             ``n_ctx`` tokens are kept, with a warning.
         answer, counterfactual: tokens (text such as ``" Paris"``, or ids) whose
             logit difference is attributed.  Text that splits into several tokens
-            uses its first, with a warning.  Without both, no attribution is made.
+            uses its first, with a warning.  Without both, no attribution is made
+            (unless ``auto_target``).
         position: the token whose next-token prediction is analysed (negative
             counts from the end; -1, the last, by default).
         prepend_bos: put ``<|endoftext|>`` first, as GPT-2 was trained to see it.
+        keep_patterns: keep full attention patterns (the Attention page's
+            view); False skips them, and the fused attention kernel runs.
         max_pattern_elements: keep full attention patterns up to this many floats.
         max_tokens: analyse at most this many tokens (a deployment's limit).
+        auto_target: without an answer and a counterfactual, attribute model
+            A's top prediction against the next distinct one among every model's
+            top predictions (``Target.chosen_by_run``), in the same run.
 
     Thread safety: no model state is touched, so concurrent calls on the same
     models give the same results as sequential ones.
@@ -437,8 +473,7 @@ def compare(
     if truncated:
         why = "the context window" if limit == n_ctx else "this deployment's limit"
         warnings.append(f"the text is {len(ids)} tokens; only the first {limit} ({why}) are analysed")
-        n_ctx = limit
-        ids = ids[:n_ctx]
+        ids = ids[:limit]
         text = models[0].tokenizer.decode(ids[1:] if prepend_bos else ids, skip_special_tokens=False)
     if not ids:
         raise InputError("the text produced no tokens: type something to analyse")
@@ -448,41 +483,50 @@ def compare(
     p = int(position) % n
 
     target = None
+    tok, vocab = models[0].tokenizer, models[0].info.d_vocab
     if (answer is None) != (counterfactual is None):
         warnings.append("give both an answer and a counterfactual to get a logit difference and its attribution")
     elif answer is not None:
-        a_id, a_pieces, w1 = resolve_token(models[0], answer, "answer")
-        b_id, b_pieces, w2 = resolve_token(models[0], counterfactual, "counterfactual")  # type: ignore[arg-type]
+        a_id, a_pieces, w1 = resolve_token(tok, vocab, answer, "answer")
+        b_id, b_pieces, w2 = resolve_token(tok, vocab, counterfactual, "counterfactual")  # type: ignore[arg-type]
         warnings += w1 + w2
         if a_id == b_id:
-            warnings.append("the answer and the counterfactual are the same token: their logit difference is 0 by definition")
+            warnings.append("the answer and the counterfactual are the same token: their logit difference is 0 by "
+                            "definition")
         target = Target(a_id, b_id, a_pieces[0], b_pieces[0], a_pieces, b_pieces)
 
-    keep_patterns = all(m.info.n_layers * m.info.n_heads * n * n <= max_pattern_elements for m in models)
-    runs, logprobs = [], []
-    for model in models:
-        run, lp = _run_one(model, ids, p, target, keep_patterns)
-        runs.append(run)
-        logprobs.append(lp.cpu())
-        if run.hf_deviation is not None and run.hf_deviation > 1e-3:
+    keep_patterns = keep_patterns and all(
+        m.info.n_layers * m.info.n_heads * n * n <= max_pattern_elements for m in models)
+    forwards = [_forward(model, ids, p, keep_patterns) for model in models]
+    if target is None and auto_target:
+        first_tops = []
+        for model, (_, lp) in zip(models, forwards):
+            first_tops += [t for t in decode_rows(model.tokenizer, [lp[p].topk(TOP_K).indices.tolist()])[0]
+                           if t not in first_tops]
+        target = _auto_target(models[0], first_tops)
+    runs = [_model_run(model, ids, cap, lp, target, keep_patterns) for model, (cap, lp) in zip(models, forwards)]
+    for model, run in zip(models, runs):
+        if run.hf_deviation is not None and run.hf_deviation > DEVIATION_WARNING:
             warnings.append(
                 f"{model.info.name}: the residual stream is so large here that the stored eps-1e12 checkpoint would "
-                f"deviate from the exact LN-free model by {run.hf_deviation:.1%} (the follow-up paper's exploding-norm case)"
+                f"deviate from the exact LN-free model by {run.hf_deviation:.1%} (the follow-up paper's exploding-norm "
+                "case)"
             )
+    logprobs = [lp.cpu() for _, lp in forwards]
+    del forwards
     pairs = []
     for i in range(len(models)):
         for j in range(i + 1, len(models)):
             la, lb = logprobs[i], logprobs[j]
             pairs.append(PairDivergence(
-                a=i, b=j, kl_ab=_frozen(kl_divergence(la, lb)), kl_ba=_frozen(kl_divergence(lb, la)),
-                js=_frozen(js_divergence(la, lb)), top1_agree=_frozen(la.argmax(-1) == lb.argmax(-1), bool),
+                a=i, b=j, kl_ab=frozen(kl_divergence(la, lb)), kl_ba=frozen(kl_divergence(lb, la)),
+                js=frozen(js_divergence(la, lb)), top1_agree=frozen(la.argmax(-1) == lb.argmax(-1), bool),
             ))
-    decoded, pieces = token_pieces(models[0], ids)
-    for arr_run in runs:
-        for w in arr_run.info.warnings:
-            warnings.append(f"{arr_run.info.name}: {w}")
+    decoded, pieces = token_pieces(tok, ids)
+    for run in runs:
+        warnings += [f"{run.info.name}: {w}" for w in run.info.warnings]
     return RunResult(
-        text=text, token_ids=_frozen(np.array(ids), np.int64), tokens=decoded, pieces=pieces,
+        text=text, token_ids=frozen(np.array(ids), np.int64), tokens=decoded, pieces=pieces,
         prepend_bos=prepend_bos, position=p, target=target, runs=tuple(runs), pairs=tuple(pairs),
         truncated=truncated, warnings=tuple(warnings),
     )

@@ -36,6 +36,10 @@ class CorruptCheckpointError(ModelLoadError):
     """Files are missing, truncated or inconsistent."""
 
 
+class UnsafeCheckpointError(ModelLoadError):
+    """The weights file holds executable (pickled) objects besides tensors: refused, never run."""
+
+
 class InputError(NolnError):
     """Bad user input to an analysis (empty text, unknown token, bad position)."""
 

@@ -18,33 +18,27 @@ its hook names and cache conventions instead; see the README.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError, ModelLoadError, NotGPT2Error, OfflineError, UnknownModelError
-from .model import ACTIVATIONS, GPT2Weights, LoadedModel, ModelInfo, fold_checkpoint
-from .registry import DEMO_BASE, DEMO_NOLN, DEMO_PREFIX, REGISTRY, canonical_repo, lookup, parse_spec
+from .checkpoint import Checkpoint, check_fits, check_tensors, layer_norm_ratios, read_config
+from .errors import CorruptCheckpointError, ModelLoadError, OfflineError, UnknownModelError
+from .model import DTYPES, GPT2Weights, LoadedModel, ModelInfo, fold_checkpoint
+from .paths import DEMO_DIR
+from .registry import DEMO_PREFIX, REGISTRY, canonical_repo, lookup, parse_spec
+from .tokenizer import load_tokenizer
 
-NEUTRALISED_EPS = 1e6
-"""``layer_norm_epsilon`` at or above this marks the LN-free trick (the published checkpoints use 1e12).
-
-At ``eps = 1e6`` the LN divides by ``sqrt(var + 1e6) >= 1000``, far above any
-residual-stream standard deviation of a working GPT-2, so such a checkpoint
-cannot be using its LayerNorms to normalise."""
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVIATION_WARNING = 1e-3
+"""A stored LN-free checkpoint whose eps-LayerNorms deviate from the exact model by more than this is flagged."""
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 TOKENIZER_PATTERNS = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
 BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
-BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "data" / "gpt2-tokenizer"
-"""GPT-2's vocab.json and merges.txt, for checkpoints that ship no tokenizer."""
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _PREDOWNLOAD = (
     "pre-download it where there is a network (`huggingface-cli download {repo}{rev}`) and copy the cache "
@@ -65,6 +59,10 @@ def resolve_device(device: str = "auto") -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from err
+    if dev.type not in DEVICE_TYPES:
+        raise ModelLoadError(f"device {device!r} cannot run these models here: use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is available here: use --device cpu or auto")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -132,226 +130,13 @@ def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
         raise ModelLoadError(f"could not store {repo} in the Hugging Face cache: {err}") from err
 
 
-def _read_config(directory: Path, name: str) -> dict[str, Any]:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise CorruptCheckpointError(f"{name} has no config.json: a GPT-2 checkpoint needs config.json and its weights")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(f"{name}: config.json is not valid JSON ({err}); re-download or repair it") from err
-    if not isinstance(config, dict):
-        raise CorruptCheckpointError(f"{name}: config.json does not hold a JSON object")
-    model_type = config.get("model_type")
-    archs = config.get("architectures") or []
-    if model_type != "gpt2":
-        arch = model_type or (archs[0] if archs else "unknown")
-        raise NotGPT2Error(f"{name} is a {arch!r} model; noLN Explorer analyses GPT-2-architecture checkpoints only (model_type 'gpt2')")
-    if config.get("add_cross_attention"):
-        raise NotGPT2Error(f"{name} is a GPT-2 with cross-attention (an encoder-decoder part); only decoder-only GPT-2 is supported")
-    act = config.get("activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise NotGPT2Error(f"{name} uses activation {act!r}, which is not one of {', '.join(ACTIVATIONS)}")
-    try:
-        d, h = int(config["n_embd"]), int(config["n_head"])
-        int(config["n_layer"]), int(config["vocab_size"]), int(config["n_positions"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CorruptCheckpointError(f"{name}: config.json lacks or garbles {err}; it is not a complete GPT-2 config") from err
-    if d % h:
-        raise CorruptCheckpointError(f"{name}: n_embd={d} is not divisible by n_head={h}")
-    return config
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-class _SafetensorsFile:
-    """Reads tensors of a ``.safetensors`` file one at a time with plain reads.
-
-    The format is an 8-byte little-endian header length, a JSON header of
-    ``{name: {dtype, shape, data_offsets}}``, then the raw data.  Reading each
-    tensor into fresh memory (instead of memory-mapping the file, as
-    ``safetensors.safe_open`` does) keeps the file's pages out of the
-    process's resident memory: loading holds the folded weights plus one
-    checkpoint tensor, nothing more.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("file shorter than its header")
-            n = int.from_bytes(raw, "little")
-            if n > min(size - 8, 100_000_000):
-                raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        self.base = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = _ST_DTYPES.get(meta.get("dtype"))
-            if dtype is None:
-                raise ValueError(f"tensor {key} has unsupported dtype {meta.get('dtype')!r}")
-            shape = tuple(int(x) for x in meta["shape"])
-            start, end = (int(x) for x in meta["data_offsets"])
-            if not 0 <= start <= end <= size - self.base or end - start != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {key} lies outside the file or has the wrong size (truncated download?)")
-            self.entries[key] = (dtype, shape, start, end)
-
-    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor ``key``; read straight into ``out`` when it has the same dtype and shape."""
-        dtype, shape, start, end = self.entries[key]
-        direct = out is not None and out.dtype == dtype and tuple(out.shape) == shape and out.is_contiguous()
-        target = out if direct else torch.empty(shape, dtype=dtype)
-        with open(self.path, "rb") as f:
-            f.seek(self.base + start)
-            if f.readinto(target.view(-1).view(torch.uint8).numpy()) != end - start:
-                raise ValueError(f"tensor {key} is cut short (truncated download?)")
-        if out is not None and not direct:
-            return out.copy_(target)
-        return target
-
-
-class _Checkpoint:
-    """Access to a checkpoint's tensors (``transformer.`` prefix stripped), read one at a time.
-
-    safetensors shards are read with :class:`_SafetensorsFile`;
-    ``pytorch_model.bin`` is loaded with ``weights_only=True`` (no pickled code runs).
-    """
-
-    def __init__(self, directory: Path, name: str):
-        self.name = name
-        self._where: dict[str, Any] = {}
-        shards = sorted(directory.glob("model*.safetensors"))
-        bins = sorted(directory.glob("pytorch_model*.bin"))
-        if not shards and not bins:
-            raise CorruptCheckpointError(
-                f"{name} has no weights (model.safetensors or pytorch_model.bin): "
-                "the download is incomplete or the directory is wrong"
-            )
-        try:
-            for shard in shards:
-                reader = _SafetensorsFile(shard)
-                for key in reader.entries:
-                    self._where[key.removeprefix("transformer.")] = (reader, key)
-            for b in [] if shards else bins:
-                loaded = torch.load(str(b), map_location="cpu", weights_only=True)
-                if not isinstance(loaded, dict):
-                    raise TypeError(f"{b.name} does not hold a state dict")
-                for key, value in loaded.items():
-                    if isinstance(value, torch.Tensor):
-                        self._where[key.removeprefix("transformer.")] = (None, value)
-        except Exception as err:  # json, struct and torch.load raise many types for a damaged file
-            raise self._corrupt(err) from err
-
-    def _corrupt(self, err: BaseException) -> CorruptCheckpointError:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return CorruptCheckpointError(
-            f"{self.name}: the weights file is corrupt or truncated ({first}); delete it (or the cached copy) and download again"
-        )
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        reader, ref = self._where[key]
-        return reader.entries[ref][1] if reader is not None else tuple(ref.shape)
-
-    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor ``key``, written into ``out`` (and returned) when given."""
-        reader, ref = self._where[key]
-        try:
-            if reader is not None:
-                return reader.get(ref, out)
-            return ref if out is None else out.copy_(ref)
-        except Exception as err:
-            raise self._corrupt(err) from err
-
-
-def _check_checkpoint(ckpt: _Checkpoint, config: dict[str, Any], name: str) -> None:
-    """Every GPT-2 tensor is present with the shape config.json implies (read from headers, not data)."""
-    d, n_layers, vocab, n_ctx = config["n_embd"], config["n_layer"], config["vocab_size"], config["n_positions"]
-    d_mlp = config.get("n_inner") or 4 * d
-    expected = {"wte.weight": (vocab, d), "wpe.weight": (n_ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
-    for layer in range(n_layers):
-        p = f"h.{layer}."
-        expected.update({
-            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,), p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
-            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
-            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
-            p + "mlp.c_fc.weight": (d, d_mlp), p + "mlp.c_fc.bias": (d_mlp,),
-            p + "mlp.c_proj.weight": (d_mlp, d), p + "mlp.c_proj.bias": (d,),
-        })
-    missing = [k for k in expected if k not in ckpt]
-    if missing:
-        raise CorruptCheckpointError(
-            f"{name}: the weights lack {len(missing)} GPT-2 tensors (first: {missing[0]}); the checkpoint is incomplete or not GPT-2"
-        )
-    for key, shape in expected.items():
-        if ckpt.shape(key) != shape:
-            raise CorruptCheckpointError(
-                f"{name}: tensor {key} has shape {ckpt.shape(key)}, config.json implies {shape}; weights and config disagree"
-            )
-
-
-def _file_key(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path), stat.st_size, stat.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer_from_files(files: tuple[tuple[str, int, int], ...]):
-    """Build (once per set of files) a GPT-2 byte-level BPE tokenizer; ``Tokenizer`` is safe to share."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    paths = [f[0] for f in files]
-    if len(paths) == 1:
-        return Tokenizer.from_file(paths[0])
-    tok = Tokenizer(models.BPE.from_file(*paths))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    if tok.token_to_id("<|endoftext|>") is not None:  # as GPT-2's own tokenizer treats it
-        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
-    return tok
-
-
-def load_tokenizer(directory: Path | None, vocab_size: int, name: str):
-    """A ``tokenizers.Tokenizer`` from the checkpoint's files, else GPT-2's (all these models share it)."""
-    candidates = [directory] if directory is not None else []
-    for attempt in range(2):
-        for folder in candidates:
-            for files in (["tokenizer.json"], ["vocab.json", "merges.txt"]):
-                if all((folder / f).is_file() for f in files):
-                    try:
-                        return _tokenizer_from_files(tuple(_file_key(folder / f) for f in files))
-                    except Exception as err:  # tokenizers raises plain Exception subclasses
-                        raise CorruptCheckpointError(f"{name}: {' and '.join(files)} unreadable ({err})") from err
-        if attempt == 0:
-            if vocab_size != 50257:
-                break
-            # No tokenizer files: fine-tunes often ship none.  They use GPT-2's own, which we ship.
-            candidates = [BUNDLED_TOKENIZER]
-    raise CorruptCheckpointError(
-        f"{name} ships no tokenizer (tokenizer.json, or vocab.json + merges.txt) and its vocabulary of {vocab_size} is not GPT-2's"
-    )
-
-
 def _locate(source: str, revision: str | None, allow_local: bool) -> tuple[Path, str, str | None, str | None]:
     """Return ``(directory, source, revision, commit)`` for a shipped demo model, a local dir or a hub repo."""
     if source.startswith(DEMO_PREFIX):
-        from .demo import DEMO_DIR
-
         directory = DEMO_DIR / source.removeprefix(DEMO_PREFIX)
         if source not in REGISTRY or not (directory / "config.json").is_file():
-            raise UnknownModelError(f"no demo model {source!r}: the shipped ones are {DEMO_BASE} and {DEMO_NOLN}")
+            shipped = ", ".join(spec for spec in REGISTRY if spec.startswith(DEMO_PREFIX))
+            raise UnknownModelError(f"no demo model {source!r}: the shipped ones are {shipped}")
         return directory, source, None, None
     expanded = Path(os.path.expanduser(source))
     if expanded.is_dir():
@@ -413,30 +198,31 @@ def load_model(
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     directory, source, revision, commit = _locate(source, revision, allow_local)
     display = name or (source if revision is None else f"{source}@{revision}")
-    config = _read_config(directory, display)
-    ckpt = _Checkpoint(directory, display)
-    _check_checkpoint(ckpt, config, display)
-    tokenizer = load_tokenizer(directory, int(config["vocab_size"]), display)
+    config = read_config(directory, display)
+    check_fits(config, display, dtype_bytes=torch.empty((), dtype=torch_dtype).element_size())
+    ckpt = Checkpoint(directory, display)
+    check_tensors(ckpt, config, display)
+    tokenizer = load_tokenizer(directory, config.vocab_size, display)
 
-    eps = float(config.get("layer_norm_epsilon", 1e-5))
-    ln_free = eps >= NEUTRALISED_EPS
+    eps, ln_free = config.layer_norm_epsilon, config.ln_free
     warnings: list[str] = []
     if ln_free:
-        ln_rms = torch.stack([ckpt.get(f"h.{i}.ln_1.weight").float().pow(2).mean().sqrt() for i in range(config["n_layer"])])
-        ratio = float(ln_rms.median()) / math.sqrt(eps)
-        if not 1e-3 <= ratio <= 1e3:
+        off = {ln: r for ln, r in layer_norm_ratios(ckpt, config).items() if not 1e-3 <= r <= 1e3}
+        if off:
+            first, ratio = next(iter(off.items()))
             warnings.append(
-                f"layer_norm_epsilon is {eps:g} but the LN weights are not scaled to match (median |w|/sqrt(eps) = {ratio:.2g}):"
-                " this does not look like the LN-free trick, and the stored model's LayerNorms output almost nothing"
+                f"layer_norm_epsilon is {eps:g} but {len(off)} LayerNorm weight(s) are not scaled to match (first: "
+                f"{first}, |w|/sqrt(eps) = {ratio:.2g}): this is not the LN-free trick there, and the stored model's "
+                "LayerNorm outputs almost nothing"
             )
-    bos = config.get("bos_token_id")
-    if not isinstance(bos, int) or not 0 <= bos < int(config["vocab_size"]):
+    bos = config.bos_token_id
+    if bos is None:
         bos = tokenizer.token_to_id("<|endoftext|>")
-        if bos is None:
-            bos = int(config["vocab_size"]) - 1
+        if bos is None or not 0 <= bos < config.vocab_size:
+            bos = config.vocab_size - 1
             warnings.append(f"no BOS token in config or tokenizer; using id {bos}")
 
-    weights = fold_checkpoint(ckpt.get, ckpt.__contains__, int(config["n_layer"]), eps, ln_free)
+    weights = fold_checkpoint(ckpt.get, ckpt.__contains__, config.n_layer, eps, ln_free)
     del ckpt
     # A sum per tensor: NaN or inf anywhere makes it non-finite, without a mask the size of the weights.
     bad = [f for f, t in vars(weights).items() if not math.isfinite(float(t.sum()))]
@@ -453,16 +239,42 @@ def load_model(
         ) from err
     weights = GPT2Weights(**{f: moved[id(t)] for f, t in vars(weights).items()})
 
-    d = int(config["n_embd"])
     info = ModelInfo(
         name=display, source=source, revision=revision, commit=commit, ln_free=ln_free,
-        n_layers=int(config["n_layer"]), n_heads=int(config["n_head"]), d_model=d,
-        d_mlp=int(config.get("n_inner") or 4 * d), n_ctx=int(config["n_positions"]),
-        d_vocab=int(config["vocab_size"]), eps=eps, act_fn=config.get("activation_function", "gelu_new"),
+        n_layers=config.n_layer, n_heads=config.n_head, d_model=config.n_embd, d_mlp=config.n_inner,
+        n_ctx=config.n_positions, d_vocab=config.vocab_size, eps=eps, act_fn=config.activation_function,
         bos_token_id=int(bos), device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
         warnings=tuple(warnings),
     )
-    return LoadedModel(
-        info=info, weights=weights, tokenizer=tokenizer,
-        scale_attn_by_inverse_layer_idx=bool(config.get("scale_attn_by_inverse_layer_idx", False)),
-    )
+    model = LoadedModel(info=info, weights=weights, tokenizer=tokenizer,
+                        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx)
+    if ln_free:
+        deviation = stored_trick_deviation(model)
+        if deviation > DEVIATION_WARNING:
+            model = replace(model, info=replace(info, warnings=info.warnings + (
+                f"the stored eps-{eps:g} checkpoint deviates from the exact LN-free model by {deviation:.1%} already on "
+                "a short probe text (its residual variance is not small against eps): numbers from the stored model in "
+                "other tools will differ from these",)))
+    return model
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3:\t\n"
+"""A short text run once at load time to measure the stored LN-free checkpoint's deviation."""
+
+
+def stored_trick_deviation(model: LoadedModel, text: str = PROBE_TEXT) -> float:
+    """How far the stored checkpoint (run with its eps LayerNorms, as ``transformers`` does) is from this exact model.
+
+    An LN with input variance ``var`` and the trick's ``eps`` scales its output
+    by ``1/sqrt(1 + var/eps)`` instead of 1; this returns the largest relative
+    gap ``1 - 1/sqrt(1 + var/eps)`` over every LN input of ``text`` (BOS first).
+    0 for models with LN (nothing to compare).
+    """
+    if not model.ln_free:
+        return 0.0
+    ids = [model.info.bos_token_id] + model.tokenizer.encode(text, add_special_tokens=False).ids
+    last = f"blocks.{model.info.n_layers - 1}.hook_resid_post"
+    names = [f"blocks.{layer}.hook_resid_{k}" for layer in range(model.info.n_layers) for k in ("pre", "mid")] + [last]
+    _, cache = model.run_with_cache(torch.tensor([ids[: model.info.n_ctx]]), names_filter=names)
+    max_var = max(float(x.float().var(-1, unbiased=False).max()) for x in cache.values())
+    return float(1.0 - (1.0 + max_var / model.info.eps) ** -0.5)

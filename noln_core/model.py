@@ -25,7 +25,10 @@ divides by anything.
 Hook names and shapes follow TransformerLens (``blocks.{l}.hook_resid_pre``,
 ``blocks.{l}.attn.hook_pattern`` ``[batch, head, query, key]``,
 ``blocks.{l}.attn.hook_z`` ``[batch, pos, head, d_head]``...), so a notebook
-written against ``run_with_cache`` carries over.  Nothing is registered on any
+written against ``run_with_cache`` carries over.  One hook is our own:
+``blocks.{l}.attn.hook_attn_to_first`` ``[batch, head, query]``, the attention
+on position 0, which the fused attention kernel yields without materialising
+the pattern (an extra value column that is 1 at position 0).  Nothing is registered on any
 module: observers are arguments of one call, so concurrent calls on one
 loaded model never see each other's hooks.
 """
@@ -37,6 +40,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a model can run in, by name (float32 first: the default, which small logit differences need)."""
+
+OWN_HOOKS = ("attn.hook_attn_to_first",)
+"""Hook names (after ``blocks.{l}.``) that noln_core adds to TransformerLens' set."""
 
 Observer = Callable[[str, torch.Tensor], None]
 """Called as ``observer(hook_name, activation)`` during a forward pass."""
@@ -235,7 +244,7 @@ class LoadedModel:
             names.append(b + "hook_resid_pre")
             if ln:
                 names += [b + "ln1.hook_scale", b + "ln1.hook_normalized"]
-            names += [b + f"attn.hook_{x}" for x in ("q", "k", "v", "attn_scores", "pattern", "z")]
+            names += [b + f"attn.hook_{x}" for x in ("q", "k", "v", "attn_scores", "pattern", "attn_to_first", "z")]
             names += [b + "hook_attn_out", b + "hook_resid_mid"]
             if ln:
                 names += [b + "ln2.hook_scale", b + "ln2.hook_normalized"]
@@ -304,11 +313,22 @@ class LoadedModel:
                     put(b + "attn.hook_attn_scores", scores)
                     pattern = scores.softmax(-1)
                     put(b + "attn.hook_pattern", pattern)
+                    put(b + "attn.hook_attn_to_first", pattern[..., 0])
                     z = torch.einsum("bhqk,bkhd->bqhd", pattern.to(dtype), v)
-                else:  # nobody looks at the pattern: the fused kernel, as transformers uses
-                    z = torch.nn.functional.scaled_dot_product_attention(
-                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0 / div
-                    ).transpose(1, 2)
+                else:  # nobody looks at the whole pattern: the fused kernel, as transformers uses
+                    vt = v.transpose(1, 2)
+                    to_first = want(b + "attn.hook_attn_to_first")
+                    if to_first:  # one extra value column, 1 at position 0: its output is the attention on position 0
+                        marker = torch.zeros(*vt.shape[:-1], 1, dtype=vt.dtype, device=vt.device)
+                        marker[:, :, 0] = 1
+                        vt = torch.cat([vt, marker], dim=-1)
+                    zt = torch.nn.functional.scaled_dot_product_attention(
+                        q.transpose(1, 2), k.transpose(1, 2), vt, is_causal=True, scale=1.0 / div
+                    )
+                    if to_first:
+                        put(b + "attn.hook_attn_to_first", zt[..., -1])
+                        zt = zt[..., :-1]
+                    z = zt.transpose(1, 2)
                 put(b + "attn.hook_z", z)
                 attn_out = z.flatten(-2) @ w.W_O[layer] + w.b_O[layer]
                 put(b + "hook_attn_out", attn_out)
@@ -325,8 +345,28 @@ class LoadedModel:
                 put(b + "hook_resid_post", resid)
             if not return_logits:
                 return None
-            # The unembedding stays tied to W_E, so ln_f's centring is applied here, not folded.
-            x = norm_in(resid, "ln_final") if ln else resid - resid.mean(-1, keepdim=True)
+            return self.unembed(resid, observer=put)
+
+    def unembed(self, resid: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+        """Logits (float32) from final residual-stream vectors ``resid`` (..., d_model): the model's readout.
+
+        With LN: ``ln_f`` (centring, division by ``sqrt(var + eps)``, folded
+        weight and bias) then the unembedding.  LN-free: centring only, so the
+        map is affine.  The unembedding stays tied to ``W_E``, so ``ln_f``'s
+        centring is applied here rather than folded.
+        """
+        w = self.weights
+        with torch.inference_mode():
+            if self.ln_free:
+                x = resid - resid.mean(-1, keepdim=True)
+            else:
+                centred, scale = _scale(resid, self.info.eps)
+                if observer is not None:
+                    observer("ln_final.hook_scale", scale)
+                x = centred / scale
+                if observer is not None:
+                    observer("ln_final.hook_normalized", x)
+                x = x.to(w.W_E.dtype)
             return ((x * w.w_U) @ w.W_U_rows.T).float() + w.b_U.float()
 
     def run_with_cache(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -76,9 +77,41 @@ def test_summary_without_json(capsys, ln_dir, noln_dir):
 def test_text_from_stdin(monkeypatch, capsys, ln_dir):
     import io
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello from stdin"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("Hello from stdin ü".encode())))
     code, out, _ = run_cli(capsys, "--model", str(ln_dir), "--text", "-", "--json")
-    assert code == 0 and json.loads(out)["text"] == "Hello from stdin"
+    assert code == 0 and json.loads(out)["text"] == "Hello from stdin ü"
+
+
+def test_undecodable_stdin_gets_one_line_and_status_2(ln_dir):
+    """The probe's case, as a user's shell runs it: bytes that are not UTF-8 piped in."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "noln_core", "compare", "--model", str(ln_dir), "--text", "-"],
+                          input=b"\xff\xfe", capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert err.count("\n") == 1 and err.startswith("error: the text on stdin is not UTF-8 text (byte 0xff")
+
+
+@pytest.mark.parametrize("device", ["meta", "xla", "cuda:99"])
+def test_devices_that_cannot_run_get_one_line(capsys, ln_dir, device):
+    code, _, err = run_cli(capsys, "--model", str(ln_dir), "--text", "hi", "--device", device)
+    assert code == 2 and err.count("\n") == 1 and "unexpected" not in err
+    assert "cannot run these models" in err or "no CUDA GPU" in err or "CUDA GPU(s)" in err
+
+
+@pytest.mark.parametrize("change", [{"n_layer": 0}, {"n_layer": -1}, {"n_head": 0}, {"layer_norm_epsilon": "abc"},
+                                    {"n_layer": 1_000_000_000}])
+def test_degenerate_configs_exit_2_with_one_line(capsys, tmp_path, ln_dir, change):
+    import shutil
+
+    from checkpoints import write_config
+
+    target = tmp_path / "bad"
+    shutil.copytree(ln_dir, target)
+    write_config(target, **change)
+    code, _, err = run_cli(capsys, "--model", str(target), "--text", "hi")
+    assert code == 2 and err.count("\n") == 1 and "unexpected" not in err and "config.json" in err
 
 
 def test_long_text_warns_and_truncates(capsys, ln_dir):

@@ -11,7 +11,7 @@ import pytest
 from checkpoints import random_gpt2, save
 from helpers import PROMPTS, hf_tokenizer
 from noln_core import InputError, TokenizerMismatchError, compare, load_model, tokenize
-from noln_core.compare import token_pieces
+from noln_core.tokenizer import token_pieces
 
 TEXTS = PROMPTS + [
     "<|endoftext|> special inside text",
@@ -33,7 +33,7 @@ def test_tokens_and_pieces(ln_model, noln_model):
     assert list(result.token_ids) == [50256, 15496, 995]
     assert result.tokens == ("<|endoftext|>", "Hello", " world")
     assert result.pieces == ("<|endoftext|>", "Hello", "Ġworld")
-    assert token_pieces(ln_model, [995]) == ((" world",), ("Ġworld",))
+    assert token_pieces(ln_model.tokenizer, [995]) == ((" world",), ("Ġworld",))
 
 
 def test_no_bos(ln_model):

@@ -9,9 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from noln_core import InputError, compare, direct_logit_attribution, head_direct_effects, tokenize
-from noln_core.attribution import exactness_tolerance
-from noln_core.compare import token_pieces
-from pages._links import DEVICES, DTYPES, PAGES, AppState, parse_query, to_query
+from noln_core.analyses import exactness_tolerance
+from noln_core.tokenizer import token_pieces
+from pages import PAGE_NAMES as PAGES
+from pages.shell.links import DEVICES, DTYPES, AppState, parse_query, to_query
 
 # Any Unicode, weighted towards what breaks text handling: controls, RTL, zero-width, emoji, markup.
 TRICKY = st.sampled_from(["\t", "\x0c", "\n", "\r", "\u200b", "\u200f", "\u202e", "🙂", "👩‍👩‍👧", "<script>", "**",
@@ -43,7 +44,7 @@ def test_compare_never_fails_unexplained_and_ln_free_dla_stays_exact(ln_model, n
 def test_tokenisation_inspector_is_lossless(ln_model, text):
     ids = tokenize(ln_model, text, prepend_bos=False)
     assert ln_model.tokenizer.decode(ids, skip_special_tokens=False) == text
-    decoded, pieces = token_pieces(ln_model, ids)
+    decoded, pieces = token_pieces(ln_model.tokenizer, ids)
     assert len(decoded) == len(pieces) == len(ids) and all(isinstance(p, str) and p for p in pieces)
 
 

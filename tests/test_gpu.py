@@ -16,7 +16,7 @@ import torch
 
 from helpers import PROMPTS, hf_run
 from noln_core import compare, direct_logit_attribution, head_direct_effects, load_model, residual_norms, tokenize
-from noln_core.attribution import exactness_tolerance
+from noln_core.analyses import exactness_tolerance
 
 DEVICE = os.environ.get("NOLN_TEST_DEVICE", "cpu")
 
@@ -26,9 +26,12 @@ def models(ln_dir, noln_dir):
     return [load_model(str(ln_dir), device=DEVICE), load_model(str(noln_dir), device=DEVICE)]
 
 
-def test_models_live_on_the_device(models):
-    assert all(m.device.type == torch.device(DEVICE).type for m in models)
-    assert all(t.device.type == torch.device(DEVICE).type for m in models for t in m.weights.tensors())
+def test_models_live_on_the_device_with_tied_embeddings_kept_as_one_tensor(noln_dir):
+    """Moving to the device (and dtype) keeps the tied unembedding one tensor and changes nothing else."""
+    model = load_model(str(noln_dir), device=DEVICE, dtype="bfloat16")
+    assert all(t.device.type == torch.device(DEVICE).type and t.dtype == torch.bfloat16 for t in model.weights.tensors())
+    assert model.weights.W_U_rows.data_ptr() == model.weights.W_E.data_ptr()
+    assert model.info.device.startswith(torch.device(DEVICE).type) and model.info.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -41,7 +44,8 @@ def test_logprobs_on_the_device_equal_hf_on_the_cpu(models, ln_dir, noln_dir, pr
 
 def test_results_come_back_to_the_cpu_and_dla_is_exact(models):
     result = compare(models, PROMPTS[0], " Mary", " John")
-    assert isinstance(result.runs[0].resid_pre_norm, np.ndarray)
+    arrays = [result.runs[0].resid_pre_norm, result.runs[1].attribution.components, result.pairs[0].kl_ab]
+    assert all(isinstance(a, np.ndarray) and not a.flags.writeable for a in arrays)  # CPU copies, shareable
     dla = direct_logit_attribution(result)[1]
     assert dla.exact and dla.error <= exactness_tolerance(dla.logit_diff)
     assert head_direct_effects(result)[1].nmae < 1e-5

@@ -213,7 +213,7 @@ def test_mismatched_trick_is_flagged(tmp_path):
     model.config.layer_norm_epsilon = 1e12
     target = save(model, tmp_path / "odd")
     loaded = load_model(str(target), device="cpu")
-    assert loaded.ln_free and any("does not look like the LN-free trick" in w for w in loaded.info.warnings)
+    assert loaded.ln_free and any("is not the LN-free trick" in w for w in loaded.info.warnings)
 
 
 def test_ln_free_output_loads_back(tmp_path):
@@ -224,7 +224,7 @@ def test_ln_free_output_loads_back(tmp_path):
 
 def test_bundled_tokenizer_is_gpt2s():
     from checkpoints import gpt2_tokenizer_files
-    from noln_core.loading import BUNDLED_TOKENIZER
+    from noln_core.paths import TOKENIZER_DIR as BUNDLED_TOKENIZER
 
     encoder, merges = gpt2_tokenizer_files()
     assert (BUNDLED_TOKENIZER / "vocab.json").read_bytes() == encoder.read_bytes()

@@ -49,17 +49,23 @@ def test_ln_free_model_has_no_normalisation(noln_model):
     assert w.w_U.abs().max() < 1e3 and w.W_QKV.abs().max() < 1e3 and w.W_in.abs().max() < 1e3
 
 
-def test_ln_free_model_is_affine_from_the_residual_stream(noln_model):
-    """Logits of a sum of residual vectors are the sum of their readouts (minus the constant): no normalisation."""
-    w = noln_model.weights
+def test_ln_free_model_is_affine_from_the_residual_stream(noln_model, ln_model):
+    """The model's own readout: logits of a sum of residual vectors are the sum of their readouts (minus the
+    constant) for the LN-free model, and not for the model with LN; and the forward pass ends in that readout."""
     torch.manual_seed(0)
     x, y = torch.randn(2, noln_model.info.d_model) * 50
 
-    def readout(v):
-        centred = v - v.mean()
-        return (centred * w.w_U) @ w.W_U_rows.T + w.b_U
+    def affine_gap(model):
+        b_U = model.weights.b_U
+        return float((model.unembed(x + y) - (model.unembed(x) + model.unembed(y) - b_U)).abs().max())
 
-    assert torch.allclose(readout(x + y), readout(x) + readout(y) - w.b_U, atol=1e-3)
+    assert affine_gap(noln_model) < 1e-3
+    assert affine_gap(ln_model) > 1e-1
+    for model in (noln_model, ln_model):
+        ids = torch.tensor([tokenize(model, PROMPTS[0])])
+        last = f"blocks.{model.info.n_layers - 1}.hook_resid_post"
+        logits, cache = model.run_with_cache(ids, names_filter=last)
+        assert torch.allclose(model.unembed(cache[last]), logits, atol=1e-4)
 
 
 def test_ln_model_keeps_its_layernorm_scales(ln_model, ln_dir):
@@ -82,12 +88,20 @@ def test_names_filter_forms(ln_model):
 
 def test_hook_names_and_values_match_transformer_lens_bridge(ln_dir, ln_model):
     """Our cache uses TransformerBridge's hook names, shapes and values, so notebooks carry over."""
-    bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
-    bridge = bridge_mod.TransformerBridge.boot_transformers(str(ln_dir), device="cpu")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from noln_core.model import OWN_HOOKS
+
+    bridge = TransformerBridge.boot_transformers(str(ln_dir), device="cpu")
     ids = torch.tensor([tokenize(ln_model, PROMPTS[0])])
     _, theirs = bridge.run_with_cache(ids)
     _, ours = ln_model.run_with_cache(ids)
-    assert set(ours) <= set(theirs)
+    own = {n for n in ours if n.split(".", 2)[-1] in OWN_HOOKS}
+    assert own and set(ours) - own <= set(theirs)
+    for name in own:  # our one addition: the pattern's first column, which the fused kernel gives for free
+        layer = name.split(".")[1]
+        assert torch.allclose(ours[name], theirs[f"blocks.{layer}.attn.hook_pattern"][..., 0], atol=1e-5)
+        del ours[name]
     for name, value in ours.items():
         other = theirs[name]
         assert other.shape == value.shape, name

@@ -64,3 +64,43 @@ def test_a_failed_load_is_not_remembered():
 def test_at_least_one_model():
     with pytest.raises(ValueError):
         ModelStore(0, lambda spec, **_: None)
+
+
+def test_waiting_sessions_are_told_their_place_in_the_queue():
+    """Three loads queue behind a slow one; each waiter hears how many are ahead, counting down, first come first served."""
+    release = threading.Event()
+    order: list[str] = []
+
+    def loader(spec, **_):
+        order.append(spec)
+        if spec == "slow":
+            release.wait(10)
+        time.sleep(0.2)  # long enough for every waiter to hear each step of the countdown
+        return FakeModel(spec)
+
+    store = ModelStore(8, loader)
+    heard: dict[str, list[int]] = {"b": [], "c": [], "d": []}
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(store.get, "slow", "cpu", "float32")
+        while store.waiting() < 1:
+            time.sleep(0.01)
+        futures = []
+        for spec in "bcd":
+            futures.append(pool.submit(store.get, spec, "cpu", "float32", heard[spec].append))
+            while store.waiting() < 2 + "bcd".index(spec):
+                time.sleep(0.01)
+        time.sleep(0.2)
+        assert [h[-1] for h in heard.values()] == [1, 2, 3]  # places while the slow load holds the queue
+        release.set()
+        assert first.result().spec == "slow" and [f.result().spec for f in futures] == ["b", "c", "d"]
+    assert order == ["slow", "b", "c", "d"]
+    assert heard["d"] == [3, 2, 1] and heard["b"] == [1]
+    assert store.waiting() == 0
+
+
+def test_a_resident_model_never_waits():
+    store = ModelStore(2, lambda spec, **_: FakeModel(spec))
+    store.get("a", "cpu", "float32")
+    told: list[int] = []
+    store.get("a", "cpu", "float32", on_wait=told.append)
+    assert told == []

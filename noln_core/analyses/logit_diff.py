@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .readout import readout
+from ..readout import readout
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import yaml
 
 from noln_core.registry import DEFAULT_PAIR, parse_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def front_matter() -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pages._links import MAX_TEXT_CHARS, PRESETS, AppState, default_state, parse_query, share_link, to_query, valid_model_spec
+from pages.shell.limits import MAX_TEXT_CHARS
+from pages.shell.links import PRESETS, AppState, default_state, parse_query, share_link, to_query, valid_model_spec
 
 
 def test_round_trip(ln_dir):
@@ -59,7 +60,7 @@ def test_registry_and_hub_ids_are_accepted_without_network():
 
 
 def test_default_models_from_the_environment(monkeypatch):
-    from pages._links import default_state
+    from pages.shell.links import default_state
 
     monkeypatch.setenv("NOLN_DEFAULT_MODELS", "a/b, c/d ,e/f")
     state = default_state()

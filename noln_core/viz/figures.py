@@ -18,12 +18,12 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .attention import AttentionSummary
-from .attribution import DirectLogitAttribution
-from .direct_effect import HeadDirectEffect
-from .logit_diff import LogitDiffAnalysis
-from .next_token import NextTokenAnalysis
-from .residual_norms import ResidualNorms
+from ..analyses.attention import AttentionSummary
+from ..analyses.attribution import DirectLogitAttribution
+from ..analyses.direct_effect import HeadDirectEffect
+from ..analyses.logit_diff import LogitDiffAnalysis
+from ..analyses.next_token import NextTokenAnalysis
+from ..analyses.residual_norms import ResidualNorms
 
 DIVERGING = "RdBu"
 SEQUENTIAL = "Viridis"
@@ -42,6 +42,11 @@ def token_label(token: str, max_len: int = 16) -> str:
 def safe(text: str) -> str:
     """Escape user text for Plotly titles, legends and hover text."""
     return html.escape(text)
+
+
+def model_label(index: int, name: str) -> str:
+    """``A: name`` (escaped): the letter matches the tables' columns, and tells apart models with one name."""
+    return f"{chr(65 + index)}: {safe(name)}"
 
 
 def _position_axis(fig: go.Figure, tokens: Sequence[str], row=None, col=None, offset: int = 0) -> None:
@@ -79,7 +84,7 @@ def loss_strip(analysis: NextTokenAnalysis, tokens: Sequence[str]) -> go.Figure:
     models = analysis.models
     rows = len(models) + (1 if analysis.pairs else 0)
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.04,
-                        subplot_titles=[safe(m.name) for m in models] + (["B − A"] if analysis.pairs else []))
+                        subplot_titles=[model_label(i, m.name) for i, m in enumerate(models)] + (["B − A"] if analysis.pairs else []))
     next_tokens = _hover_tokens(tokens[1:])
     zmax = max(float(np.nanmax(m.loss)) if m.loss.size else 1.0 for m in models)
     for i, m in enumerate(models):
@@ -106,10 +111,10 @@ def divergence_chart(analysis: NextTokenAnalysis, tokens: Sequence[str]) -> go.F
     fig = go.Figure()
     x = np.arange(len(tokens))
     for pair in analysis.pairs:
-        tag = f"{safe(pair.a)} vs {safe(pair.b)}"
-        fig.add_trace(go.Scatter(x=x, y=pair.kl_ab, name=f"KL(A‖B) {tag}", mode="lines+markers"))
-        fig.add_trace(go.Scatter(x=x, y=pair.kl_ba, name=f"KL(B‖A) {tag}", mode="lines+markers"))
-        fig.add_trace(go.Scatter(x=x, y=pair.js, name=f"JS {tag}", mode="lines+markers"))
+        a, b = chr(65 + pair.a_index), chr(65 + pair.b_index)
+        fig.add_trace(go.Scatter(x=x, y=pair.kl_ab, name=f"KL({a}‖{b})", mode="lines+markers"))
+        fig.add_trace(go.Scatter(x=x, y=pair.kl_ba, name=f"KL({b}‖{a})", mode="lines+markers"))
+        fig.add_trace(go.Scatter(x=x, y=pair.js, name=f"JS({a}, {b})", mode="lines+markers"))
     _position_axis(fig, tokens)
     fig.update_layout(title="Divergence of next-token distributions per position", yaxis_title="nats",
                       legend=dict(orientation="h", y=-0.45), height=420)
@@ -121,7 +126,7 @@ def logit_lens_chart(analysis: LogitDiffAnalysis) -> go.Figure:
     fig = go.Figure()
     for i, m in enumerate(analysis.models):
         fig.add_trace(go.Scatter(x=list(m.lens_labels), y=m.lens, mode="lines+markers",
-                                 name=f"{safe(m.name)} ({'LN-free' if m.ln_free else 'LN'})",
+                                 name=f"{model_label(i, m.name)} ({'LN-free' if m.ln_free else 'LN'})",
                                  line=dict(color=MODEL_COLOURS[i % 4])))
     fig.add_hline(y=0, line=dict(color="grey", dash="dot"))
     fig.update_layout(title=f"Logit lens of logit[{safe(repr(analysis.answer))}] − logit[{safe(repr(analysis.counterfactual))}]",
@@ -137,7 +142,7 @@ def norm_heatmaps(norms: Sequence[ResidualNorms], tokens: Sequence[str], include
     logs = [np.log10(np.maximum(g, 1e-12)) for g in grids]
     lo = min(float(g.min()) for g in logs)
     hi = max(float(g.max()) for g in logs)
-    fig = make_subplots(rows=1, cols=len(norms), subplot_titles=[safe(m.name) for m in norms], horizontal_spacing=0.06)
+    fig = make_subplots(rows=1, cols=len(norms), subplot_titles=[model_label(i, m.name) for i, m in enumerate(norms)], horizontal_spacing=0.06)
     ticks = _log_ticks(lo, hi)
     L = grids[0].shape[0] - 1
     layers = [f"L{i} pre" for i in range(L)] + ["final"]
@@ -164,7 +169,7 @@ def norm_ratio_heatmap(norms: Sequence[ResidualNorms], tokens: Sequence[str], in
                                colorbar=dict(title="log₂ B/A"),
                                hovertemplate="%{y}, pos %{x}<br>B/A = %{customdata:.3g}<extra></extra>"))
     _position_axis(fig, tokens[start:], offset=start)
-    fig.update_layout(title=f"Norm ratio {safe(norms[1].name)} / {safe(norms[0].name)}", height=420)
+    fig.update_layout(title=f"Norm ratio B / A ({model_label(1, norms[1].name)} over {model_label(0, norms[0].name)})", height=420)
     return fig
 
 
@@ -194,7 +199,7 @@ def dla_components_chart(dlas: Sequence[DirectLogitAttribution]) -> go.Figure:
     fig = go.Figure()
     for i, d in enumerate(dlas):
         fig.add_trace(go.Bar(x=list(d.labels) + ["constant"], y=list(d.values) + [d.constant],
-                             name=f"{safe(d.name)} ({'exact' if d.exact else 'cached LN scale'})",
+                             name=f"{model_label(i, d.name)} ({'exact' if d.exact else 'cached LN scale'})",
                              marker_color=MODEL_COLOURS[i % 4]))
     fig.update_layout(barmode="group", title="Direct logit attribution per component", yaxis_title="contribution",
                       legend=dict(orientation="h", y=-0.35), height=440)
@@ -204,7 +209,7 @@ def dla_components_chart(dlas: Sequence[DirectLogitAttribution]) -> go.Figure:
 def head_heatmaps(dlas: Sequence[DirectLogitAttribution]) -> go.Figure:
     """Layer × head DLA for each model, and B − A, on one symmetric diverging scale."""
     grids = [d.heads for d in dlas]
-    titles = [safe(d.name) for d in dlas]
+    titles = [model_label(i, d.name) for i, d in enumerate(dlas)]
     if len(dlas) >= 2:
         grids.append(dlas[1].heads - dlas[0].heads)
         titles.append("B − A")
@@ -223,7 +228,7 @@ def head_source_heatmaps(dlas: Sequence[DirectLogitAttribution], layer: int, tok
     """For one layer: each head's DLA split by source token, per model, on one symmetric scale."""
     grids = [d.head_source[layer] for d in dlas]
     bound = _symmetric(*grids)
-    fig = make_subplots(rows=len(dlas), cols=1, subplot_titles=[safe(d.name) for d in dlas], vertical_spacing=0.12)
+    fig = make_subplots(rows=len(dlas), cols=1, subplot_titles=[model_label(i, d.name) for i, d in enumerate(dlas)], vertical_spacing=0.12)
     hover = _hover_tokens(tokens)
     for i, g in enumerate(grids):
         fig.add_trace(go.Heatmap(z=g, x=np.arange(g.shape[1]), zmin=-bound, zmax=bound, zmid=0, colorscale=DIVERGING,
@@ -247,7 +252,7 @@ def dla_vs_direct_effect(effects: Sequence[HeadDirectEffect]) -> go.Figure:
         L, H = e.dla.shape
         labels = [f"L{layer}H{head}" for layer in range(L) for head in range(H)]
         fig.add_trace(go.Scatter(x=e.direct_effect.ravel(), y=e.dla.ravel(), mode="markers", text=labels,
-                                 name=f"{safe(e.name)}: NMAE {e.nmae:.2%}", marker=dict(color=MODEL_COLOURS[i % 4]),
+                                 name=f"{model_label(i, e.name)}: NMAE {e.nmae:.2%}", marker=dict(color=MODEL_COLOURS[i % 4]),
                                  hovertemplate="%{text}<br>direct effect %{x:+.4f}<br>DLA %{y:+.4f}<extra></extra>"))
     fig.update_layout(title="DLA against the true direct effect, per head", xaxis_title="direct effect (final LN recomputed)",
                       yaxis_title="DLA (cached final-LN scale)", height=480, legend=dict(orientation="h", y=-0.25))
@@ -256,12 +261,12 @@ def dla_vs_direct_effect(effects: Sequence[HeadDirectEffect]) -> go.Figure:
 
 def attention_patterns(summaries: Sequence[AttentionSummary], layer: int, head: int, tokens: Sequence[str]) -> go.Figure:
     """One head's attention pattern in every model, side by side."""
-    shown = [s for s in summaries if s.patterns is not None]
+    shown = [(i, s) for i, s in enumerate(summaries) if s.patterns is not None]
     if not shown:
         raise ValueError("these runs kept no full attention patterns (the text is too long)")
-    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[safe(s.name) for s in shown], horizontal_spacing=0.08)
+    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[model_label(i, s.name) for i, s in shown], horizontal_spacing=0.08)
     hover = _hover_tokens(tokens)
-    for i, s in enumerate(shown):
+    for i, (_, s) in enumerate(shown):
         pat = s.patterns[layer, head].astype(float).copy()
         pat[np.triu_indices_from(pat, k=1)] = np.nan
         custom = np.array([[f"{hover[q]} → {hover[k]}" for k in range(len(tokens))] for q in range(len(tokens))])
@@ -281,7 +286,7 @@ def attention_patterns(summaries: Sequence[AttentionSummary], layer: int, head: 
 def sink_heatmaps(summaries: Sequence[AttentionSummary]) -> go.Figure:
     """Mean attention on the first token, layer × head, per model (sinks are ≥ the threshold)."""
     fig = make_subplots(rows=1, cols=len(summaries), horizontal_spacing=0.06,
-                        subplot_titles=[f"{safe(s.name)}: sink rate {s.sink_rate:.1%}" for s in summaries])
+                        subplot_titles=[f"{model_label(i, s.name)}: sink rate {s.sink_rate:.1%}" for i, s in enumerate(summaries)])
     for i, s in enumerate(summaries):
         fig.add_trace(go.Heatmap(z=s.to_first, zmin=0, zmax=1, colorscale=SEQUENTIAL, showscale=i == 0,
                                  colorbar=dict(title="to first"),

@@ -10,9 +10,9 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from noln_core import OfflineError
-from pages._links import load_limits
+from pages.shell.limits import load_limits
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
 HOSTILE = [
     "<script>alert('x')</script> and <img src=x onerror=alert(1)>",
     "**bold** _it_ [link](javascript:alert(1)) $\\frac{a}{b}$ :rocket: :red[red] # heading",
@@ -23,32 +23,19 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def navigation_mode(monkeypatch):
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", init)
-
-
 @pytest.fixture
 def hosted(monkeypatch):
-    """Reload the app's access module with NOLN_HOSTED=1; restore it afterwards."""
-    import pages._common as common
+    """Reload the app's limits with NOLN_HOSTED=1; restore them afterwards."""
+    import pages.shell.limits as limits
 
     monkeypatch.setenv("NOLN_HOSTED", "1")
     monkeypatch.setenv("NOLN_MAX_TOKENS", "20")
     monkeypatch.delenv("NOLN_DEFAULT_MODELS", raising=False)
-    importlib.reload(common)
-    yield common
+    importlib.reload(limits)
+    yield limits
     monkeypatch.delenv("NOLN_HOSTED")
     monkeypatch.delenv("NOLN_MAX_TOKENS")
-    importlib.reload(common)
+    importlib.reload(limits)
 
 
 def test_limits_from_config_and_environment(tmp_path):
@@ -86,7 +73,7 @@ def test_hostile_text_is_shown_as_text(ln_dir, noln_dir, text):
     at.run()
     assert not at.exception and not at.error
     assert at.sidebar.text_area(key="w_text").value == text
-    from pages._common import md
+    from pages.shell.display import md
 
     rendered = [e.value for e in (*at.markdown, *at.caption, *at.warning, *at.subheader)] + [m.label for m in at.metric]
     for value in rendered:
@@ -96,7 +83,7 @@ def test_hostile_text_is_shown_as_text(ln_dir, noln_dir, text):
 
 
 def test_a_failed_download_does_not_poison_the_cache(monkeypatch, ln_dir, noln_dir):
-    import pages._common as common
+    import pages.shell.cache as common
 
     real = common.noln_core.load_model
     failures = {"left": 1}
@@ -119,7 +106,7 @@ def test_a_failed_download_does_not_poison_the_cache(monkeypatch, ln_dir, noln_d
 
 
 def test_out_of_memory_on_load_gives_a_message(monkeypatch, ln_dir, noln_dir):
-    import pages._common as common
+    import pages.shell.cache as common
 
     def oom(spec, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from noln_core import (
-    attention, compare, direct_logit_attribution, figures, head_direct_effects, logit_difference, next_token,
-    residual_norms, tables,
+    attention, compare, direct_logit_attribution, head_direct_effects, logit_difference, next_token, residual_norms,
 )
+from noln_core.viz import figures, tables
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parent / "data"
-TOKENIZER_DIR = DATA / "gpt2-tokenizer"
-DEMO_DIR = DATA / "demo"
+from ..loading import load_model
+from ..paths import DEMO_DIR
+from ..tokenizer import gpt2_tokenizer, tokenize
+from .removal import Schedule, TrainableGPT2, TrainConfig, remove_layernorm, train
+
 BASE_NAME, NOLN_NAME = "gpt2-kjv", "gpt2-kjv-noLN"
-DEMO_LABEL = "demo (offline)"
 DEMO_CONFIG = dict(vocab_size=50257, n_positions=256, n_embd=96, n_layer=6, n_head=4, layer_norm_epsilon=1e-5,
                    eos_token_id=50256, bos_token_id=50256)
 HOLDOUT_EVERY = 20
@@ -77,20 +78,12 @@ def corpus_text(chapters, held_out: bool) -> str:
     return "\n".join(f"{heading}\n" + "\n".join(verses) for heading, verses in chosen) + "\n"
 
 
-def gpt2_tokenizer():
-    from .loading import load_tokenizer
-
-    return load_tokenizer(TOKENIZER_DIR, 50257, "GPT-2 tokenizer")
-
-
 def tokenize_file(path: Path, tokenizer) -> np.ndarray:
     return np.array(tokenizer.encode(Path(path).read_text(), add_special_tokens=False).ids, dtype=np.int64)
 
 
 def heldout_loss(directory: Path, tokens: np.ndarray, block: int = 128, max_windows: int = 400) -> float:
     """Mean next-token loss of the shipped checkpoint (through ``load_model``) on held-out windows, BOS first."""
-    from .loading import load_model
-
     model = load_model(str(directory), device="cpu")
     bos = model.info.bos_token_id
     starts = range(0, min(len(tokens) - block, max_windows * (block - 1)), block - 1)
@@ -105,9 +98,6 @@ def heldout_loss(directory: Path, tokens: np.ndarray, block: int = 128, max_wind
 
 def sample(directory: Path, prompt: str, n: int = 40, seed: int = 0, temperature: float = 0.8) -> str:
     """Text sampled from the shipped checkpoint (temperature ``temperature``, seeded)."""
-    from .compare import tokenize
-    from .loading import load_model
-
     model = load_model(str(directory), device="cpu")
     ids = tokenize(model, prompt)
     gen = torch.Generator().manual_seed(seed)
@@ -163,8 +153,6 @@ def _card(name: str, kind: str, metrics: dict, samples: dict[str, str], schedule
 def build(out: Path = DEMO_DIR, seed: int = 0, steps: int = 1500, removal_steps: int = 600, batch: int = 16,
           block: int = 128, work: Path | None = None, progress=None, log=print) -> dict:
     """Rebuild the demo pair into ``out`` (see the module docstring); returns the measured metrics."""
-    from .removal import Schedule, TrainableGPT2, TrainConfig, remove_layernorm, train
-
     started = time.time()
     out = Path(out)
     work = Path(work) if work else out / "_work"

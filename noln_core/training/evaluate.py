@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .model import LoadedModel
+from ..model import LoadedModel
 
 
 @dataclass(frozen=True)

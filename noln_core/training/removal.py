@@ -24,6 +24,18 @@ code at ``submarat/removing-layer-norm``):
 
 The same :class:`TrainableGPT2` with every LN live trains a GPT-2 from scratch
 (:func:`train`), which the demo pair uses.
+
+Why a second GPT-2 forward, beside :class:`noln_core.model.LoadedModel`'s?
+That one runs *folded* weights (each LayerNorm's centring, weight and bias
+multiplied into the next matrix) under ``torch.inference_mode``, with no
+trainable LayerNorm parameters left to hold, and ``ln_1`` feeds Q, K and V
+through one fused matrix.  Removal needs the opposite: unfolded, trainable LN
+weights and biases; a divisor that is measured by a running average and then
+frozen per LN *and per path* (``ln_1`` on Q/K is removed before ``ln_1`` on V,
+so one LN must feed two different normalisations); separate σ for position 0
+and EOT; autograd through all of it.  What the two share is the checkpoint
+format: both read and write it through :mod:`noln_core.checkpoint`, and the
+tests check that a trained model loads and runs identically in both.
 """
 
 from __future__ import annotations
@@ -40,8 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NEUTRAL_EPS = 1e12
-NEUTRAL_SCALE = 1e6
+from ..checkpoint import TRICK_EPS, TRICK_SCALE, Checkpoint, check_tensors, read_config, write_checkpoint
 
 
 # --------------------------------------------------------------------------- model
@@ -197,17 +208,15 @@ class TrainableGPT2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Path) -> "TrainableGPT2":
-        from .loading import NEUTRALISED_EPS, _Checkpoint, _check_checkpoint, _read_config
-
         directory = Path(directory)
-        config = _read_config(directory, str(directory))
-        if float(config.get("layer_norm_epsilon", 1e-5)) >= NEUTRALISED_EPS:
+        config = read_config(directory, str(directory))
+        if config.ln_free:
             raise ValueError(f"{directory} is already LN-free")
-        ckpt = _Checkpoint(directory, str(directory))
-        _check_checkpoint(ckpt, config, str(directory))
+        ckpt = Checkpoint(directory, str(directory))
+        check_tensors(ckpt, config, str(directory))
         sd = {k: ckpt.get(k).float() for k in ckpt.keys()}
         used = sd["wte.weight"].abs().sum(-1) > 0  # rows a corpus-trained model never used are exactly zero
-        model = cls(config, keep=None if used.all() else used.nonzero()[:, 0])
+        model = cls(dict(config.raw), keep=None if used.all() else used.nonzero()[:, 0])
         model.load_hf_state_dict(sd)
         return model
 
@@ -238,7 +247,7 @@ class TrainableGPT2(nn.Module):
                 return ln.weight
             if torch.isnan(ln.sigma):
                 raise RuntimeError("an LN was never measured")
-            return ln.weight * (NEUTRAL_SCALE / ln.sigma)
+            return ln.weight * (TRICK_SCALE / ln.sigma)
 
         for i, b in enumerate(self.blocks):
             p = f"transformer.h.{i}."
@@ -248,25 +257,18 @@ class TrainableGPT2(nn.Module):
                               (b.mlp_proj, "mlp.c_proj")):
                 sd[p + name + ".weight"], sd[p + name + ".bias"] = lin.weight.T, lin.bias
         sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = ln_weight(self.ln_f), self.ln_f.bias
-        return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+        return {k: v.detach() for k, v in sd.items()}
 
     def save_pretrained(self, directory: Path, ln_free: bool, half: bool = True, tokenizer_from: Path | None = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` (large matrices in float16 when ``half``)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        sd = self.hf_state_dict(ln_free)
-        if half:
-            sd = {k: v.half() if v.numel() > 100_000 and v.abs().max() < 6e4 else v for k, v in sd.items()}
-        save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
         config = {
             **{k: v for k, v in self.config.items() if not k.startswith("_")},
             "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
-            "layer_norm_epsilon": NEUTRAL_EPS if ln_free else float(self.config.get("layer_norm_epsilon", 1e-5)),
+            "layer_norm_epsilon": TRICK_EPS if ln_free else float(self.config.get("layer_norm_epsilon", 1e-5)),
             "tie_word_embeddings": True, "bos_token_id": self.eot, "eos_token_id": self.eot,
         }
-        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_checkpoint(directory, self.hf_state_dict(ln_free), config, half=half)
         if tokenizer_from is not None:
             for name in ("vocab.json", "merges.txt", "tokenizer.json"):
                 if (Path(tokenizer_from) / name).is_file():
@@ -341,19 +343,6 @@ def batches(tokens: np.ndarray, block: int, batch: int, seed: int, bos: int) -> 
         starts = rng.integers(0, n, size=batch)
         rows = np.stack([np.concatenate([[bos], tokens[s:s + block - 1]]) for s in starts])
         yield torch.from_numpy(rows.astype(np.int64))
-
-
-def evaluate(model: TrainableGPT2, tokens: np.ndarray, block: int, bos: int, max_windows: int = 200) -> float:
-    """Mean next-token loss over consecutive windows of held-out tokens (BOS first, as in training)."""
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for start in range(0, min(len(tokens) - block, max_windows * (block - 1)), block - 1):
-            row = torch.from_numpy(np.concatenate([[bos], tokens[start:start + block - 1]]).astype(np.int64))[None]
-            logits, _ = model(row[:, :-1])
-            losses.append(model.loss(logits, row[:, 1:]).item())
-    model.train()
-    return float(np.mean(losses))
 
 
 @dataclass

@@ -7,36 +7,15 @@ both ways, the Jensen-Shannon divergence ``JS = (KL(A||M) + KL(B||M)) / 2``
 with ``M = (p_A + p_B)/2`` (symmetric, at most ln 2), and whether their top-1
 predictions agree.  All in nats.
 
-The distribution functions here work on full log-prob tensors and are what
-:func:`noln_core.compare` uses while the logits exist; :func:`next_token`
-then summarises the captured result.
+The per-position divergences are computed by the run while the full logits
+exist (:mod:`noln_core.divergence`); :func:`next_token` summarises what it kept.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-
-def entropy(logprobs: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) over the last axis of log-probabilities."""
-    return -(logprobs.exp() * logprobs).sum(-1)
-
-
-def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """``KL(P || Q)`` over the last axis; exactly 0 when ``logp`` is ``logq``."""
-    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
-
-
-def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence (nats) over the last axis, in ``[0, ln 2]``."""
-    # log M = log p + log((1 + q/p) / 2), written so that identical inputs give exactly 0.
-    d = logq - logp
-    logm = logp + (torch.logaddexp(torch.zeros_like(d), d) - math.log(2.0))
-    return (0.5 * (kl_divergence(logp, logm) + kl_divergence(logq, logm))).clamp(0.0, math.log(2.0))
 
 
 @dataclass(frozen=True)
@@ -64,6 +43,9 @@ class PairStats:
 
     a: str
     b: str
+    a_index: int
+    """Index of model ``a`` in the run (0 for A, 1 for B, 2 for C)."""
+    b_index: int
     kl_ab: np.ndarray
     """(n,) KL(A || B)."""
     kl_ba: np.ndarray
@@ -96,7 +78,7 @@ def next_token(result) -> NextTokenAnalysis:
         ))
     pairs = tuple(
         PairStats(
-            a=stats[p.a].name, b=stats[p.b].name, kl_ab=p.kl_ab, kl_ba=p.kl_ba, js=p.js, top1_agree=p.top1_agree,
+            a=stats[p.a].name, b=stats[p.b].name, a_index=p.a, b_index=p.b, kl_ab=p.kl_ab, kl_ba=p.kl_ba, js=p.js, top1_agree=p.top1_agree,
             agreement=float(p.top1_agree.mean()), loss_diff=stats[p.b].loss - stats[p.a].loss,
         )
         for p in result.pairs

@@ -14,33 +14,17 @@ from noln_core import (
     residual_norms,
 )
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
-PAGES = ["pages/overview.py", "pages/logit_difference.py", "pages/residual_norms.py", "pages/attribution.py",
-         "pages/attention.py", "pages/about.py"]
+from noln_core.viz.tables import model_labels
+from pages import PAGES as PAGE_SPECS
+from pages.shell.display import md
+
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
+PAGES = [p.script for p in PAGE_SPECS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def navigation_mode():
-    """Run AppTest as the server runs after its first request: in ``st.navigation`` mode.
-
-    Streamlit picks its legacy ``pages/`` runner while a ``pages/`` folder exists and
-    ``st.navigation`` has not yet run in the process; the server leaves that mode
-    for good on its first run, but AppTest re-enters it on every ``run()``, which
-    drops widget changes made after a page switch.  (The first-request path
-    itself is covered by ``test_legacy_first_request_is_sent_through_the_app``.)
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(PagesManager, "__init__", init)
-    yield
-    patch.undo()
+def labels(names) -> list[str]:
+    """How the pages label models in metrics: ``A: name``, Markdown-escaped."""
+    return [md(label) for label in model_labels(names)]
 
 
 def make_app(ln_dir, noln_dir, **params) -> AppTest:
@@ -75,10 +59,10 @@ def test_overview_shows_the_library_values(app, expected):
     assert_clean(app)
     nt = next_token(expected)
     shown = metrics(app)
-    for m in nt.models:
-        assert shown[f"Mean loss · {m.name}"] == f"{m.mean_loss:.3f} nats"
+    for label, m in zip(labels(m.name for m in nt.models), nt.models):
+        assert shown[f"Mean loss · {label}"] == f"{m.mean_loss:.3f} nats"
     pair = nt.pairs[0]
-    assert shown[f"Top-1 agreement · {pair.a} vs {pair.b}"] == f"{pair.agreement:.1%}"
+    assert shown["Top-1 agreement · A vs B"] == f"{pair.agreement:.1%}"
     assert len(app.get("plotly_chart")) == 2
 
 
@@ -96,23 +80,23 @@ def test_every_page_renders_without_exception(app, expected):
             for m in lens.models:
                 assert shown[f"{m.name} ({'LN-free' if m.ln_free else 'with LN'})"] == f"{m.value:+.4f}"
         if page.endswith("attribution.py"):
-            for d, e in zip(dla, de):
-                assert shown[f"{d.name}: components + constant"] == f"{d.values.sum() + d.constant:+.5f}"
-                assert any(f"NMAE {e.nmae:.2%}" in c.value for c in app.caption)
+            for label, d, e in zip(labels(d.name for d in dla), dla, de):
+                assert shown[f"{label}: components + constant"] == f"{d.values.sum() + d.constant:+.5f}"
+                assert any(f"NMAE {e.nmae:.2%}" in c.value and d.method in c.value for c in app.caption)
             assert abs(dla[1].values.sum() + dla[1].constant - dla[1].logit_diff) <= 1e-4
             assert len(app.get("plotly_chart")) == 4
         if page.endswith("residual_norms.py"):
-            for m in norms:
-                assert shown[f"Max first-token norm · {m.name}"] == f"{m.first_token_max:,.1f}"
+            for label, m in zip(labels(m.name for m in norms), norms):
+                assert shown[f"Max first-token norm · {label}"] == f"{m.first_token_max:,.1f}"
         if page.endswith("attention.py"):
-            for s in sinks:
-                assert shown[f"Sink rate · {s.name}"] == f"{s.sink_rate:.1%}"
+            for label, s in zip(labels(s.name for s in sinks), sinks):
+                assert shown[f"Sink rate · {label}"] == f"{s.sink_rate:.1%}"
         if page.endswith("about.py"):
             assert any("2409.13710" in m.value for m in app.markdown) and any("2507.02559" in m.value for m in app.markdown)
 
 
 def test_query_params_mirror_the_view(app, ln_dir):
-    app.switch_page("pages/attribution.py").run()
+    app.switch_page("pages/views/attribution.py").run()
     params = app.query_params
     assert params["model_a"] == str(ln_dir) and params["answer"] == " Mary" and params["page"] == "attribution"
     assert params["text"] == PROMPTS[0] and params["position"] == "-1"
@@ -192,22 +176,22 @@ def test_switching_pages_reuses_the_run(app, monkeypatch):
     """A cache hit does not call any model: switching pages and toggles reruns nothing."""
     from noln_core.model import LoadedModel
 
-    app.switch_page("pages/overview.py").run()
+    app.switch_page("pages/views/overview.py").run()
     calls = []
     original = LoadedModel.forward
     monkeypatch.setattr(LoadedModel, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     for page in PAGES:
         app.switch_page(page).run()
-    app.switch_page("pages/residual_norms.py").run()
-    app.toggle(key="norms_bos").set_value(False).run()
+    app.switch_page("pages/views/residual_norms.py").run()
+    app.toggle(key="w_norms_first").set_value(False).run()
     assert_clean(app)
     assert calls == []
 
 
 def test_manifest_describes_the_run(app, expected):
-    from pages import _common
+    from pages.shell.export import manifest as build_manifest
 
-    manifest = _common.manifest(expected, "http://localhost/?x=1")
+    manifest = build_manifest(expected, "http://localhost/?x=1")
     assert manifest["token_ids"] == [int(i) for i in expected.token_ids]
     assert [m["ln_free"] for m in manifest["models"]] == [False, True]
     assert manifest["noln_core_version"] and manifest["torch_version"] and manifest["link"] == "http://localhost/?x=1"
@@ -221,27 +205,25 @@ def test_tokenisation_inspector_lists_every_token(app, expected):
     assert list(inspector["piece"]) == list(expected.pieces)
 
 
-def test_legacy_first_request_is_sent_through_the_app(ln_dir, noln_dir):
-    """A fresh server's first request for /attribution runs the page script alone; it must end on the full app."""
+def test_pages_need_no_legacy_runner_workaround(ln_dir, noln_dir):
+    """Streamlit's pre-navigation mode runs ``pages/*.py`` on its own; with none there, it falls back to app.py.
+
+    AppTest enters that mode on every run (as a fresh server does for its first request), so each switch here
+    goes through it, and must still end on the full app with the page asked for.
+    """
     from streamlit.runtime.pages_manager import PagesManager
 
+    root = Path(APP).parent
+    assert [p.name for p in (root / "pages").glob("*.py")] == ["__init__.py"]
     at = make_app(ln_dir, noln_dir)
     at.run()
-    original = PagesManager.__init__
-
-    def legacy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = True
-
-    PagesManager.__init__ = legacy
-    try:
-        at.switch_page("pages/attribution.py").run()
-    finally:
-        PagesManager.__init__ = original
-    assert_clean(at)
-    assert [h.value for h in at.header] == ["Attribution: who wrote the logit difference?"]
-    assert at.sidebar.text_area(key="w_text").value == PROMPTS[0]
-    assert at.query_params["page"] == "attribution"
+    for spec in PAGE_SPECS[::-1]:
+        at.switch_page(spec.script).run()
+        assert PagesManager.uses_pages_directory is False  # app.py's st.navigation took over within the run
+        assert_clean(at)
+        assert at.query_params["page"] == spec.name
+        assert at.sidebar.text_area(key="w_text").value == PROMPTS[0]
+    assert [h.value for h in at.header] == ["Overview: what each model predicts"]
 
 
 def test_a_link_with_tokens_runs_each_model_once(ln_dir, noln_dir, monkeypatch):

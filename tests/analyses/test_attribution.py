@@ -7,7 +7,7 @@ import pytest
 
 from helpers import PROMPTS, hf_run
 from noln_core import compare, direct_logit_attribution
-from noln_core.attribution import exactness_tolerance
+from noln_core.analyses import exactness_tolerance
 
 CASES = [(PROMPTS[0], " Mary", " John", -1), (PROMPTS[1], " Paris", " London", -1),
          (PROMPTS[2], " three", " four", 5), (PROMPTS[3], "\t", "\n", -2)]
@@ -33,11 +33,30 @@ def test_ln_free_dla_is_exact(case):
     assert dla.error <= exactness_tolerance(dla.logit_diff)
 
 
-def test_ln_model_dla_uses_cached_scale_and_reports_error(case):
+def test_ln_model_components_and_constant_equal_a_recomputation_from_transformers(case, ln_dir):
+    """With LN: every component's write, taken from HF's hidden states, divided by HF's own ln_f scale at the
+    position and read through lm_head, equals our DLA; with the constant they add up to HF's logit difference."""
+    ids, p, t = list(case.token_ids), case.position, case.target
+    ref = hf_run(ln_dir, ids)
+    model, hidden, mid = ref["model"], ref["hidden"], ref["resid_mid"]
+    W_U, tr = model.lm_head.weight.double(), model.transformer
+    diff = W_U[t.answer_id] - W_U[t.counterfactual_id]
+    u = tr.ln_f.weight.double() * diff
+    x = hidden[-1][p]
+    scale = float((((x - x.mean()) ** 2).mean() + model.config.layer_norm_epsilon).sqrt())
+    writes = [tr.wte.weight.double()[ids[p]], tr.wpe.weight.double()[p]]
+    for layer in range(model.config.n_layer):
+        writes += [mid[layer][p] - hidden[layer][p], hidden[layer + 1][p] - mid[layer][p]]
+    expected = np.array([float((w - w.mean()) @ u) / scale for w in writes])
+    constant = float(tr.ln_f.bias.double() @ diff)
+    logits = ref["logits"][p]
     dla = direct_logit_attribution(case)[0]
-    assert not dla.exact and "cached scale" in dla.method
-    assert dla.scale == pytest.approx(float(case.runs[0].ln_final_scale[case.position]))
-    assert np.isfinite(dla.error) and dla.error == pytest.approx(abs(dla.values.sum() + dla.constant - dla.logit_diff))
+    assert not dla.exact and dla.scale == pytest.approx(scale, rel=1e-5) and "cached scale" in dla.method
+    np.testing.assert_allclose(dla.values, expected, atol=1e-4)
+    assert dla.constant == pytest.approx(constant, abs=1e-4)
+    hf_diff = float(logits[t.answer_id] - logits[t.counterfactual_id])
+    assert dla.values.sum() + dla.constant == pytest.approx(hf_diff, abs=1e-4)
+    assert expected.sum() + constant == pytest.approx(hf_diff, abs=1e-4)
 
 
 def test_constant_is_the_final_ln_bias_through_the_unembedding(case, noln_dir):

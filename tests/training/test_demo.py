@@ -11,12 +11,13 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from noln_core import compare, direct_logit_attribution, load_model, registry
-from noln_core.attribution import exactness_tolerance
-from noln_core.demo import DEMO_DIR, demo_paths, heldout_loss, tokenize_file
-from pages._links import PRESETS
+from noln_core.analyses import exactness_tolerance
+from noln_core.paths import DEMO_DIR
+from noln_core.training.demo import demo_paths, heldout_loss, tokenize_file
+from pages.shell.links import PRESETS
 
 BASE, NOLN = demo_paths()
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_presets_work_on_the_demo_pair_and_ln_free_dla_is_exact(pair, preset):
 
 def test_model_cards_report_the_shipped_models_losses():
     heldout = DEMO_DIR / "heldout.txt"
-    from noln_core.demo import gpt2_tokenizer
+    from noln_core.tokenizer import gpt2_tokenizer
 
     tokens = tokenize_file(heldout, gpt2_tokenizer())
     for directory in (BASE, NOLN):
@@ -62,9 +63,22 @@ def test_model_cards_report_the_shipped_models_losses():
     assert abs(heldout_loss(NOLN, tokens, metrics["block"]) - metrics["noln_loss"]) < 1e-3
 
 
-def test_default_pair_is_the_demo_without_a_hub():
-    assert registry.hub_reachable() is False  # HF_HUB_OFFLINE=1 in the tests
-    assert registry.default_pair() == registry.DEMO_PAIR
+@pytest.mark.parametrize("hub_answers", [False, True])
+def test_default_pair_is_the_demo_only_without_a_hub(monkeypatch, hub_answers):
+    """The hub is asked (offline mode off); its answer, not the environment, decides the default pair."""
+    import huggingface_hub
+
+    def model_info(self, *args, **kwargs):
+        if not hub_answers:
+            raise ConnectionError("no route to host")
+        return object()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(registry, "default_pair_cached", lambda: False)
+    monkeypatch.setattr(registry, "_default", None)
+    assert registry.hub_reachable() is hub_answers
+    assert registry.default_pair() == (registry.DEFAULT_PAIR if hub_answers else registry.DEMO_PAIR)
 
 
 def test_cli_defaults_to_the_demo_pair_offline(capsys):

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .readout import readout
+from ..readout import readout
+from .attribution import head_dla
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,7 @@ def head_direct_effects(result) -> tuple[HeadDirectEffect, ...] | None:
         full = readout(x, att.u, att.constant, att.eps, att.ln_free)
         without = readout(x[None, None, :] - r, att.u, att.constant, att.eps, att.ln_free)
         effect = full - without
-        centred = r - r.mean(-1, keepdims=True)
-        dla = (centred @ att.u.astype(np.float64)) / att.scale
+        dla = head_dla(att)
         denom = float(np.abs(effect).sum())
         nmae = float(np.abs(dla - effect).sum() / denom) if denom > 0 else 0.0
         out.append(HeadDirectEffect(run.name, att.ln_free, dla, effect, nmae))

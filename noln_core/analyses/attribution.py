@@ -73,14 +73,18 @@ class DirectLogitAttribution:
         d_mlp = self.neurons.shape[1]
         return [(int(i // d_mlp), int(i % d_mlp), float(flat[i])) for i in order]
 
-    def top_components(self, k: int = 5) -> list[tuple[str, float]]:
-        order = np.argsort(-np.abs(self.values), kind="stable")[:k]
-        return [(self.labels[i], float(self.values[i])) for i in order]
 
 
-def _project(vectors: np.ndarray, u: np.ndarray, scale: float) -> np.ndarray:
+def project(vectors: np.ndarray, u: np.ndarray, scale: float) -> np.ndarray:
+    """DLA of residual-stream writes ``vectors`` (..., d): ``(C x) . u / scale``, in float64."""
     x = vectors.astype(np.float64)
     return ((x - x.mean(-1, keepdims=True)) @ u.astype(np.float64)) / scale
+
+
+def head_dla(att) -> np.ndarray:
+    """(L, H) each head's DLA from a run's :class:`~noln_core.compare.AttributionCapture`: the one definition,
+    which :mod:`noln_core.analyses.direct_effect` sets against the true direct effect."""
+    return project(att.head_out, att.u, att.scale)
 
 
 def direct_logit_attribution(result) -> tuple[DirectLogitAttribution, ...] | None:
@@ -90,7 +94,7 @@ def direct_logit_attribution(result) -> tuple[DirectLogitAttribution, ...] | Non
     out = []
     for run in result.runs:
         att = run.attribution
-        values = _project(att.components, att.u, att.scale)
+        values = project(att.components, att.u, att.scale)
         total = float(values.sum() + att.constant)
         if att.ln_free:
             method = "exact: the model has no normalisation, so the logit difference is affine in the residual stream"
@@ -100,9 +104,9 @@ def direct_logit_attribution(result) -> tuple[DirectLogitAttribution, ...] | Non
         out.append(DirectLogitAttribution(
             name=run.name, ln_free=att.ln_free, exact=att.ln_free, labels=att.component_labels, values=values,
             constant=att.constant, logit_diff=att.logit_diff, error=abs(total - att.logit_diff), scale=att.scale,
-            heads=_project(att.head_out, att.u, att.scale), attn_bias=_project(att.attn_bias, att.u, att.scale),
-            head_source=att.head_source.astype(np.float64), neurons=att.neurons.astype(np.float64),
-            mlp_bias=att.mlp_bias.astype(np.float64), method=method,
+            heads=head_dla(att), attn_bias=project(att.attn_bias, att.u, att.scale),
+            head_source=att.head_source.astype(np.float64) / att.scale, neurons=att.neurons.astype(np.float64) / att.scale,
+            mlp_bias=att.mlp_bias.astype(np.float64) / att.scale, method=method,
         ))
     return tuple(out)
 

@@ -9,17 +9,27 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .attention import AttentionSummary
-from .attribution import DirectLogitAttribution
-from .direct_effect import HeadDirectEffect
-from .logit_diff import LogitDiffAnalysis
-from .next_token import NextTokenAnalysis
-from .residual_norms import ResidualNorms
+from ..analyses.attention import AttentionSummary
+from ..analyses.attribution import DirectLogitAttribution
+from ..analyses.direct_effect import HeadDirectEffect
+from ..analyses.logit_diff import LogitDiffAnalysis
+from ..analyses.next_token import NextTokenAnalysis
+from ..analyses.residual_norms import ResidualNorms
+
+
+def letter(index: int) -> str:
+    """The letter of the ``index``-th model of a run: A, B, C..."""
+    return chr(65 + index)
 
 
 def model_labels(names) -> list[str]:
     """``A: name``, ``B: name``...: unique column labels even when two models share a display name."""
-    return [f"{chr(65 + i)}: {name}" for i, name in enumerate(names)]
+    return [f"{letter(i)}: {name}" for i, name in enumerate(names)]
+
+
+def pair_label(pair) -> str:
+    """``A vs C``: a pair of models by their letters (a :class:`~noln_core.analyses.next_token.PairStats`)."""
+    return f"{letter(pair.a_index)} vs {letter(pair.b_index)}"
 
 
 def tokens_frame(result) -> pd.DataFrame:
@@ -53,12 +63,12 @@ def per_token_frame(result, analysis: NextTokenAnalysis) -> pd.DataFrame:
     for label, stats in zip(labels, analysis.models):
         frame[f"loss[{label}]"] = np.append(stats.loss, np.nan)
         frame[f"entropy[{label}]"] = stats.entropy
-    for index, pair in zip(result.pairs, analysis.pairs):
-        tag = f"{labels[index.a]} vs {labels[index.b]}"
-        frame[f"KL(A||B)[{tag}]"] = pair.kl_ab
-        frame[f"KL(B||A)[{tag}]"] = pair.kl_ba
-        frame[f"JS[{tag}]"] = pair.js
-        frame[f"top1_agree[{tag}]"] = pair.top1_agree
+    for pair in analysis.pairs:
+        a, b = letter(pair.a_index), letter(pair.b_index)
+        frame[f"KL({a}||{b})"] = pair.kl_ab
+        frame[f"KL({b}||{a})"] = pair.kl_ba
+        frame[f"JS({a},{b})"] = pair.js
+        frame[f"top1_agree({a},{b})"] = pair.top1_agree
     return frame
 
 

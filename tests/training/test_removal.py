@@ -11,9 +11,9 @@ import torch
 from checkpoints import hf_model
 from helpers import PROMPTS
 from noln_core import compare, direct_logit_attribution, load_model, tokenize
-from noln_core.attribution import exactness_tolerance
+from noln_core.analyses import exactness_tolerance
 from noln_core.cli import main
-from noln_core.removal import Schedule, TrainableGPT2, TrainConfig, remove_layernorm, train
+from noln_core.training.removal import Schedule, TrainableGPT2, TrainConfig, remove_layernorm, train
 
 STEPS = 60
 

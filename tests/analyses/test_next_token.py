@@ -10,7 +10,7 @@ import torch
 
 from helpers import PROMPTS, hf_run, hf_tokenizer
 from noln_core import compare, next_token
-from noln_core.next_token import js_divergence, kl_divergence
+from noln_core.divergence import js_divergence, kl_divergence
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,28 @@ def test_js_is_symmetric_and_kl_is_not_in_general():
     assert not torch.allclose(kl_divergence(a, b), kl_divergence(b, a))
 
 
-def test_summary_statistics(result):
+def test_summary_statistics_equal_transformers(result, ln_dir, noln_dir):
+    """Mean loss, top-k probabilities, per-token loss differences and top-1 agreement, recomputed from HF alone."""
+    import torch
+
+    from helpers import _hf
+
     analysis = next_token(result)
-    for stats, run in zip(analysis.models, result.runs):
-        assert stats.mean_loss == pytest.approx(float(-run.next_logprobs.mean()))
-        np.testing.assert_allclose(stats.top_probs.sum(-1) <= 1 + 1e-6, True)
+    ids = torch.tensor([list(result.token_ids)])
+    refs = []
+    for stats, directory in zip(analysis.models, (ln_dir, noln_dir)):
+        with torch.no_grad():
+            out = _hf(str(directory))(ids, labels=ids)
+        refs.append(out.logits[0].double().log_softmax(-1))
+        assert stats.mean_loss == pytest.approx(float(out.loss), abs=1e-5)  # HF's own mean cross-entropy
+        top = refs[-1].exp().topk(stats.top_probs.shape[1], dim=-1)
+        np.testing.assert_allclose(stats.top_probs, top.values.numpy(), atol=1e-5)
+    hf_loss = [-lp[:-1].gather(-1, ids[0, 1:, None])[:, 0].numpy() for lp in refs]
     pair = analysis.pairs[0]
-    np.testing.assert_allclose(pair.loss_diff, analysis.models[1].loss - analysis.models[0].loss)
-    assert pair.agreement == pytest.approx(pair.top1_agree.mean())
+    np.testing.assert_allclose(pair.loss_diff, hf_loss[1] - hf_loss[0], atol=1e-4)
+    agree = (refs[0].argmax(-1) == refs[1].argmax(-1)).double().mean().item()
+    assert pair.agreement == pytest.approx(agree)
+    assert (pair.a_index, pair.b_index) == (0, 1)
 
 
 def test_single_token_has_no_loss(ln_model):

@@ -1,0 +1,16 @@
+"""Where the package's shipped data lives: the one list of these paths.
+
+``noln_core/data/gpt2-tokenizer`` holds GPT-2's ``vocab.json`` and
+``merges.txt`` (for checkpoints that ship no tokenizer); ``noln_core/data/demo``
+holds the offline demo models and their held-out text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TOKENIZER_DIR = DATA_DIR / "gpt2-tokenizer"
+"""GPT-2's vocab.json and merges.txt, shared by every model in the registry."""
+DEMO_DIR = DATA_DIR / "demo"
+"""The shipped offline demo checkpoints, one folder each, and ``heldout.txt``."""
