@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import _common as app
+from pages import PAGES
+from pages.shell import export, runs, state
 
 st.set_page_config(page_title="noLN Explorer", page_icon=":material/functions:", layout="wide")
-app.init_state()
+state.init_state()
 
-PAGES = {
-    "overview": st.Page("pages/overview.py", title="Overview", icon=":material/insights:", url_path="overview", default=True),
-    "logit-difference": st.Page("pages/logit_difference.py", title="Logit difference", icon=":material/balance:", url_path="logit-difference"),
-    "residual-norms": st.Page("pages/residual_norms.py", title="Residual norms", icon=":material/straighten:", url_path="residual-norms"),
-    "attribution": st.Page("pages/attribution.py", title="Attribution", icon=":material/extension:", url_path="attribution"),
-    "attention": st.Page("pages/attention.py", title="Attention", icon=":material/visibility:", url_path="attention"),
-    "about": st.Page("pages/about.py", title="About", icon=":material/menu_book:", url_path="about"),
-}
-
-page = st.navigation(list(PAGES.values()))
-wanted = app.linked_page()
-if wanted in PAGES and PAGES[wanted].url_path != page.url_path:
-    st.switch_page(PAGES[wanted])
+pages = {spec.name: st.Page(spec.script, title=spec.title, icon=spec.icon, url_path=spec.name, default=i == 0)
+         for i, spec in enumerate(PAGES)}
+page = st.navigation(list(pages.values()))
+wanted = state.linked_page()
+if wanted in pages and pages[wanted] is not page:
+    st.switch_page(pages[wanted])
+state.set_state(page=next(name for name, p in pages.items() if p is page))
 
 st.sidebar.title("noLN Explorer")
-app.prepare()
-app.entered_through_app()
+result = runs.prepare()
+state.sync_url()
+export.share_footer(result)
 page.run()

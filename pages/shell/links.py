@@ -13,59 +13,15 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from noln_core.loading import is_valid_repo_id
+from noln_core.model import DTYPES as MODEL_DTYPES
 from noln_core.registry import REGISTRY, default_pair, parse_spec
+from pages import PAGE_NAMES
+from pages.shell.limits import MAX_TEXT_CHARS
 
-MAX_TEXT_CHARS = 20_000
-"""Longer text is cut here before tokenising (and to the context window after)."""
-CONFIG_FILE = Path(__file__).resolve().parent.parent / ".streamlit" / "noln.toml"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a deployment allows.  Hosted mode: registry models only, no local paths, tighter limits."""
-
-    hosted: bool = False
-    max_tokens: int | None = None
-    """Tokens analysed at most (None: each model's context window)."""
-    max_models: int = 4
-    """Models resident at once; the least recently used is evicted."""
-    max_text_chars: int = MAX_TEXT_CHARS
-
-
-def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
-    """Limits from ``.streamlit/noln.toml``, with ``NOLN_HOSTED``, ``NOLN_MAX_TOKENS`` and ``NOLN_MAX_MODELS`` overriding."""
-    import tomllib
-
-    env = os.environ if env is None else env
-    try:
-        config = tomllib.loads(path.read_text()) if path.is_file() else {}
-    except (tomllib.TOMLDecodeError, OSError):
-        config = {}
-    hosted_cfg, local_cfg = config.get("hosted", {}), config.get("local", {})
-    flag = env.get("NOLN_HOSTED")
-    hosted = flag.lower() in ("1", "true", "yes", "on") if flag else bool(hosted_cfg.get("enabled", False))
-    section = hosted_cfg if hosted else local_cfg
-
-    def number(name: str, key: str, default):
-        """The environment's value, else the config file's, else ``default``; invalid values are skipped."""
-        for raw in (env.get(name), section.get(key)):
-            try:
-                value = int(raw)
-            except (TypeError, ValueError):
-                continue
-            if value > 0:
-                return value
-        return default
-
-    return Limits(
-        hosted=hosted,
-        max_tokens=number("NOLN_MAX_TOKENS", "max_tokens", 256 if hosted else None),
-        max_models=number("NOLN_MAX_MODELS", "max_models", 3 if hosted else 4),
-        max_text_chars=min(number("NOLN_MAX_TEXT_CHARS", "max_text_chars", MAX_TEXT_CHARS), MAX_TEXT_CHARS),
-    )
-PAGES = ("overview", "logit-difference", "residual-norms", "attribution", "attention", "about")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(MODEL_DTYPES)
+MAX_LAYER = 1024
+"""Layer and head indices in a link are checked against this; a page clamps them to its models."""
 
 
 @dataclass(frozen=True)
@@ -74,26 +30,20 @@ class Preset:
     text: str
     answer: str
     counterfactual: str
-    note: str
 
 
 PRESETS: tuple[Preset, ...] = (
     Preset("IOI (indirect object identification)",
-           "When Mary and John went to the store, John gave a drink to", " Mary", " John",
-           "The indirect object (Mary) should beat the repeated subject (John)."),
-    Preset("Factual recall", "The Eiffel Tower is located in the city of", " Paris", " London",
-           "Recall of a fact from the training data."),
+           "When Mary and John went to the store, John gave a drink to", " Mary", " John"),
+    Preset("Factual recall", "The Eiffel Tower is located in the city of", " Paris", " London"),
     Preset("Induction: repeated random words",
            " pumpkin orbit velvet canyon lantern quartz violin harbor glacier"
-           " pumpkin orbit velvet canyon lantern quartz violin harbor", " glacier", " pumpkin",
-           "A random word sequence seen once: induction heads copy the word that followed last time."),
+           " pumpkin orbit velvet canyon lantern quartz violin harbor", " glacier", " pumpkin"),
     Preset("KJV: Let there be light (demo corpus)", "And God said, Let there be light: and there was", " light",
-           " darkness", "Genesis 1:3, which the offline demo models were trained on."),
+           " darkness"),
     Preset("KJV: induction on the sons of Jacob (demo corpus)",
-           " Levi Judah Joseph Benjamin Dan Gad Isaac Jacob Levi Judah Joseph Benjamin Dan Gad Isaac", " Jacob", " Levi",
-           "Names from the demo corpus in an arbitrary order, repeated: the second time round, induction predicts the next."),
-    Preset("Rare tokens: tab and form feed", "Name:\tAlice\x0cAge:\t42\n\n\n\tCity:\t", " Paris", "\t",
-           "Tab and form-feed runs are rare in OpenWebText; in LN-free GPT-2 XL their residual norm explodes."),
+           " Levi Judah Joseph Benjamin Dan Gad Isaac Jacob Levi Judah Joseph Benjamin Dan Gad Isaac", " Jacob", " Levi"),
+    Preset("Rare tokens: tab and form feed", "Name:\tAlice\x0cAge:\t42\n\n\n\tCity:\t", " Paris", "\t"),
 )
 
 
@@ -111,7 +61,14 @@ class AppState:
     bos: bool = True
     device: str = "auto"
     dtype: str = "float32"
-    page: str = "overview"
+    page: str = PAGE_NAMES[0]
+    attr_layer: int | None = None
+    """Attribution page: the layer of the source-token view (None: the last)."""
+    attn_layer: int = 0
+    """Attention page: the layer and head whose pattern is shown."""
+    attn_head: int = 0
+    norms_first: bool = True
+    """Residual-norms page: include the first token."""
     notes: tuple[str, ...] = field(default=(), compare=False)
     """Why parts of a link were ignored, one line each."""
 
@@ -153,10 +110,15 @@ def display_name(spec: str) -> str:
     return path.name if path.is_dir() else spec
 
 
-def _first(value) -> str | None:
+def _last_value(value) -> str | None:
+    """A parameter given several times counts by its last value, as ``st.query_params`` reads it."""
     if isinstance(value, (list, tuple)):
         value = value[-1] if value else None
     return value if isinstance(value, str) else None
+
+
+def _flag(value: str) -> bool | None:
+    return {"1": True, "true": True, "0": False, "false": False}.get(value)
 
 
 def parse_query(params, allow_local: bool = True, base: AppState | None = None, registry_only: bool = False,
@@ -165,7 +127,7 @@ def parse_query(params, allow_local: bool = True, base: AppState | None = None, 
     state = base if base is not None else default_state()
     notes: list[str] = []
     changes: dict = {}
-    get = (lambda k: _first(params.get(k))) if hasattr(params, "get") else (lambda k: None)
+    get = (lambda k: _last_value(params.get(k))) if hasattr(params, "get") else (lambda k: None)
     for key in ("model_a", "model_b", "model_c"):
         spec = get(key)
         if spec is None:
@@ -206,13 +168,21 @@ def parse_query(params, allow_local: bool = True, base: AppState | None = None, 
             changes["position"] = pos
         except ValueError:
             notes.append(f"ignored position {position[:20]!r}: not an integer")
-    bos = get("bos")
-    if bos is not None:
-        if bos in ("0", "1", "true", "false"):
-            changes["bos"] = bos in ("1", "true")
-        else:
-            notes.append("ignored bos: use 1 or 0")
-    for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("page", PAGES)):
+    for key in ("bos", "norms_first"):
+        value = get(key)
+        if value is not None:
+            if _flag(value) is None:
+                notes.append(f"ignored {key}: use 1 or 0")
+            else:
+                changes[key] = _flag(value)
+    for key in ("attr_layer", "attn_layer", "attn_head"):
+        value = get(key)
+        if value is not None:
+            if value.isdigit() and int(value) < MAX_LAYER:
+                changes[key] = int(value)
+            else:
+                notes.append(f"ignored {key} {value[:20]!r}: use a layer or head number")
+    for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("page", PAGE_NAMES)):
         value = get(key)
         if value is not None:
             if value in allowed:
@@ -233,6 +203,10 @@ def to_query(state: AppState) -> dict[str, str]:
             query[key] = getattr(state, key)
     query.update({"position": str(state.position), "bos": "1" if state.bos else "0", "device": state.device,
                   "dtype": state.dtype, "page": state.page})
+    if state.attr_layer is not None:
+        query["attr_layer"] = str(state.attr_layer)
+    query.update({"attn_layer": str(state.attn_layer), "attn_head": str(state.attn_head),
+                  "norms_first": "1" if state.norms_first else "0"})
     return query
 
 

@@ -3,9 +3,7 @@
 import streamlit as st
 
 import noln_core
-from pages import _common as app
 
-app.page("about")
 st.header("About noLN Explorer")
 st.markdown(
     """

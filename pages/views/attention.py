@@ -2,29 +2,31 @@
 
 import streamlit as st
 
-from noln_core import figures, tables
-from pages import _common as app
+from noln_core.analyses import attention
+from noln_core.viz import figures, tables
+from pages.shell.display import figure, md
+from pages.shell.runs import analysis, current_run
+from pages.shell.state import bound
 
-app.page("attention")
 st.header("Attention and attention sinks")
-result = app.current_run()
+result = current_run()
 if result is not None:
-    summaries = app.analysis("attention")
+    summaries = analysis(attention)
     st.markdown(
         "A head is an *attention sink* on this text when it puts at least 30% of its attention on the first token, "
         "averaged over the later positions. Sinks let a head do nothing; Baroni et al. 2025 found fewer of them "
         "once LayerNorm is gone (GPT-2 medium: 55.3% → 45.3% of heads)."
     )
-    cols = st.columns(len(summaries))
-    for col, s in zip(cols, summaries):
-        col.metric(f"Sink rate · {app.md(s.name)}", f"{s.sink_rate:.1%}" if s.sink_rate == s.sink_rate else "—")
-    app.figure(figures.sink_heatmaps(summaries), "attention_sinks", tables.attention_frame(summaries))
+    labels = tables.model_labels(s.name for s in summaries)
+    for col, label, s in zip(st.columns(len(summaries)), labels, summaries):
+        col.metric(f"Sink rate · {md(label)}", f"{s.sink_rate:.1%}" if s.sink_rate == s.sink_rate else "—")
+    figure(figures.sink_heatmaps(summaries), "attention_sinks", tables.attention_frame(summaries))
     L, H = summaries[0].to_first.shape
     c1, c2 = st.columns(2)
-    layer = c1.number_input("Layer", 0, L - 1, 0, key="attn_layer")
-    head = c2.number_input("Head", 0, H - 1, 0, key="attn_head")
+    layer = bound("attn_layer", c1.number_input, "Layer", 0, L - 1, clamp=lambda v: min(max(v, 0), L - 1))
+    head = bound("attn_head", c2.number_input, "Head", 0, H - 1, clamp=lambda v: min(max(v, 0), H - 1))
     if summaries[0].patterns is None:
         st.info("The text is too long to keep full attention patterns; the sink statistics above are complete.")
     else:
-        app.figure(figures.attention_patterns(summaries, int(layer), int(head), result.tokens), "attention_pattern",
-                   tables.pattern_frame(summaries, int(layer), int(head), result.tokens))
+        figure(figures.attention_patterns(summaries, int(layer), int(head), result.tokens), "attention_pattern",
+               tables.pattern_frame(summaries, int(layer), int(head), result.tokens))

@@ -1,0 +1,178 @@
+"""Every cache of the app, shared by all sessions of the process (the only ``st.cache_*`` calls live here).
+
+* models: one :class:`~noln_core.store.ModelStore`, keyed on (spec, device,
+  dtype), ``limits.LIMITS.max_models`` at once, loads queued one at a time (a waiting
+  session sees its place in the queue);
+* runs: a :class:`RunCache` bounded in *bytes* (``limits.LIMITS.run_cache_mb``),
+  least recently used evicted.  A :class:`~noln_core.compare.RunResult` is
+  frozen and its arrays read-only, so sessions share one object without
+  copying it.  Each entry also holds the analyses computed from its run, and
+  they count towards the budget;
+* a run that chose its own target (new text, no answer yet) is filed under
+  the chosen target's key too, so the rerun that follows finds it: editing the
+  text runs each model once.
+
+Switching pages or flipping a display toggle therefore never reruns a model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import streamlit as st
+
+import noln_core
+from noln_core import LoadedModel, RunResult, compare
+from noln_core.compare import nbytes
+from noln_core.registry import REGISTRY
+from noln_core.store import ModelStore
+from pages.shell import limits
+from pages.shell.links import display_name
+
+RunKey = tuple
+"""(model identities, text, answer, counterfactual, position, bos)."""
+
+
+def _load_model(spec: str, device: str, dtype: str) -> LoadedModel:
+    if limits.LIMITS.hosted and spec not in REGISTRY:
+        raise noln_core.ModelLoadError(f"{spec} is not in the registry; only registry models are allowed here")
+    return noln_core.load_model(spec, device=device, dtype=dtype, allow_local=not limits.LIMITS.hosted,
+                                name=display_name(spec))
+
+
+@st.cache_resource(show_spinner=False)
+def model_store() -> ModelStore:
+    """The process's models, shared by every session."""
+    return ModelStore(limits.LIMITS.max_models, _load_model)
+
+
+def load(spec: str, device: str, dtype: str) -> LoadedModel:
+    """A ready model from the store, loading it (with a spinner and the place in the queue) the first time."""
+    store = model_store()
+    with st.spinner(f"Loading {spec} (downloading if needed)…"):
+        note = st.empty()
+
+        def waiting(ahead: int) -> None:
+            note.caption(f"Loads are queued one at a time: {ahead} ahead of yours.")
+
+        try:
+            return store.get(spec, device, dtype, on_wait=waiting)
+        finally:
+            note.empty()
+
+
+@dataclass
+class _Entry:
+    result: RunResult
+    analyses: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+class RunCache:
+    """Runs and their analyses, least recently used evicted past ``budget`` bytes (thread-safe).
+
+    One run larger than the whole budget is still returned to its caller, just
+    not kept.  ``nbytes`` is the cache's own accounting: the arrays of every
+    kept run and analysis.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._entries: OrderedDict[RunKey, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.runs = 0
+
+    def _total(self) -> int:
+        """Bytes kept; an entry filed under two keys counts once."""
+        return sum(e.nbytes for e in {id(e): e for e in self._entries.values()}.values())
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._total()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def _evict(self) -> None:
+        while self._entries and self._total() > self.budget:
+            self._entries.popitem(last=False)
+
+    def get(self, key: RunKey) -> _Entry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, keys: list[RunKey], result: RunResult) -> _Entry:
+        entry = _Entry(result, nbytes=result.nbytes)
+        with self._lock:
+            self.runs += 1
+            for key in keys:
+                self._entries[key] = entry
+                self._entries.move_to_end(key)
+            self._evict()
+        return entry
+
+    def add_analysis(self, entry: _Entry, name: str, value: Any) -> None:
+        with self._lock:
+            if name not in entry.analyses:
+                entry.analyses[name] = value
+                entry.nbytes += nbytes(value)
+                self._evict()
+
+
+@st.cache_resource(show_spinner=False)
+def run_cache() -> RunCache:
+    return RunCache(limits.LIMITS.run_cache_mb * 1_000_000)
+
+
+def run_key(models: tuple[LoadedModel, ...], text: str, answer: str | None, counterfactual: str | None,
+            position: int, bos: bool) -> RunKey:
+    # What the models are (source, revision, commit, device, dtype), not their display names, which need not be unique.
+    identity = tuple((m.info.source, m.info.revision, m.info.commit, m.info.device, m.info.dtype) for m in models)
+    return (identity, text, answer, counterfactual, position, bos)
+
+
+def run(models: tuple[LoadedModel, ...], text: str, answer: str | None, counterfactual: str | None, position: int,
+        bos: bool) -> tuple[RunKey, RunResult]:
+    """The run for these inputs, from the cache or computed once.
+
+    Without an answer and a counterfactual the run chooses them (model A's top
+    prediction against the next distinct one) and is filed under both keys.
+    """
+    cache = run_cache()
+    if answer is None or counterfactual is None:  # a half-given target is completed by the run's choice
+        answer = counterfactual = None
+    key = run_key(models, text, answer, counterfactual, position, bos)
+    entry = cache.get(key)
+    if entry is None:
+        with st.spinner("Running the models…"):
+            result = compare(list(models), text, answer, counterfactual, position, bos, max_tokens=limits.LIMITS.max_tokens,
+                             auto_target=answer is None and counterfactual is None)
+        keys = [key]
+        if result.target is not None and result.target.chosen_by_run:
+            keys.append(run_key(models, text, result.target.answer, result.target.counterfactual, position, bos))
+            key = keys[-1]
+        entry = cache.put(keys, result)
+    elif entry.result.target is not None and entry.result.target.chosen_by_run:
+        key = run_key(models, text, entry.result.target.answer, entry.result.target.counterfactual, position, bos)
+    return key, entry.result
+
+
+def analysis(fn: Callable[[RunResult], Any], key: RunKey, result: RunResult) -> Any:
+    """``fn(result)`` (an analysis of :mod:`noln_core.analyses`), computed once per run and kept with it."""
+    cache = run_cache()
+    entry = cache.get(key)
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    if entry is not None and name in entry.analyses:
+        return entry.analyses[name]
+    value = fn(result)
+    if entry is not None and entry.result is result:
+        cache.add_analysis(entry, name, value)
+    return value

@@ -1,0 +1,28 @@
+"""Showing things: user text made inert for Markdown, figures with their PNG and CSV downloads."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+_MARKDOWN_ACTIVE = set("\\`*_[]<>$~|:&#")
+
+
+def md(text: str) -> str:
+    """User text made literal for Streamlit's Markdown: no emphasis, links, HTML, LaTeX, emoji or colour codes."""
+    return "".join("\\" + ch if ch in _MARKDOWN_ACTIVE else (" " if ch in "\r\n" else ch) for ch in str(text))
+
+
+def figure(fig, name: str, frame: pd.DataFrame | None = None) -> None:
+    """Show a Plotly figure (its toolbar saves a PNG) and offer its data as CSV."""
+    config = {**PLOT_CONFIG, "toImageButtonOptions": {**PLOT_CONFIG["toImageButtonOptions"], "filename": name}}
+    st.plotly_chart(fig, config=config, key=f"fig_{name}")
+    if frame is not None:
+        csv(frame, name)
+
+
+def csv(frame: pd.DataFrame, name: str) -> None:
+    """A CSV download of ``frame``."""
+    st.download_button(f"CSV: {name}", frame.to_csv(index=False).encode(), file_name=f"{name}.csv", mime="text/csv",
+                       key=f"csv_{name}")
