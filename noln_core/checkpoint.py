@@ -191,6 +191,7 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: Path):
+        self._fd: int | None = None
         self.path = Path(path)
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
@@ -222,13 +223,25 @@ class SafetensorsFile:
         dtype, shape, start, end = self.entries[key]
         direct = out is not None and out.dtype == dtype and tuple(out.shape) == shape and out.is_contiguous()
         target = out if direct else torch.empty(shape, dtype=dtype)
-        with open(self.path, "rb") as f:
-            f.seek(self.base + start)
-            if f.readinto(target.view(-1).view(torch.uint8).numpy()) != end - start:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view, done = memoryview(target.view(-1).view(torch.uint8).numpy()), 0
+        while done < end - start:  # one positioned read, repeated only if the kernel returns less
+            got = os.preadv(self._fd, [view[done:]], self.base + start + done)
+            if got == 0:
                 raise ValueError(f"tensor {key} is cut short (truncated download?)")
+            done += got
         if out is not None and not direct:
             return out.copy_(target)
         return target
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _load_bin(path: Path) -> dict:

@@ -68,7 +68,7 @@ def report(result: RunResult) -> dict[str, Any]:
             "entropy": run.entropy,
             "top_k": [
                 {"id": int(t), "token": s, "prob": float(np.exp(lp))}
-                for t, s, lp in zip(run.top_ids[p], run.top_tokens[p], run.top_logprobs[p])
+                for t, s, lp in zip(run.top_ids, run.top_tokens, run.top_logprobs)
             ],
             "logit_diff": None, "logit_lens": None, "dla": None, "dla_heads": None, "dla_attn_bias": None,
             "top_neurons": None, "direct_effect_heads": None, "direct_effect_nmae": None,

@@ -29,12 +29,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .divergence import entropy, js_divergence, kl_divergence
+from .divergence import distribution_stats, pair_divergences
 from .errors import InputError, TokenizerMismatchError
 from .model import LoadedModel, ModelInfo
 from .tokenizer import decode_rows, resolve_token, token_pieces, tokenize
 
 TOP_K = 10
+def vocab_chunk(n: int) -> int:
+    """Positions unembedded at a time for the full-vocabulary statistics (``rows x d_vocab`` logits at once).
+
+    Short texts (the app's) take 64 rows, which keeps their extra memory to a few tens of MB; long ones take
+    512, since every chunk reads the whole unembedding matrix again and that reading dominates at length.
+    """
+    return 64 if n <= 256 else 512
 MAX_PATTERN_ELEMENTS = 16_000_000
 """Full attention patterns (layers x heads x n x n floats) are kept up to this size (64 MB)."""
 DEVIATION_WARNING = 1e-3
@@ -114,11 +121,11 @@ class ModelRun:
     entropy: np.ndarray
     """(n,) entropy of the next-token distribution at each position, in nats."""
     top_ids: np.ndarray
-    """(n, k) most likely next tokens at each position."""
+    """(k,) most likely next tokens at the analysed position."""
     top_logprobs: np.ndarray
-    """(n, k) their log-probabilities."""
-    top_tokens: tuple[tuple[str, ...], ...]
-    """(n, k) the same tokens as text."""
+    """(k,) their log-probabilities."""
+    top_tokens: tuple[str, ...]
+    """(k,) the same tokens as text."""
     position_logprobs: np.ndarray
     """(d_vocab,) the whole next-token distribution at the chosen position (log-probs)."""
     resid_pre_norm: np.ndarray
@@ -206,7 +213,7 @@ class RunResult:
         """Every model's top predictions at the analysed position, in order, each once (the app's pickers)."""
         seen: list[str] = []
         for run in self.runs:
-            for token in run.top_tokens[self.position]:
+            for token in run.top_tokens:
                 if token not in seen:
                     seen.append(token)
         return seen
@@ -265,6 +272,7 @@ class Capture:
         self.L = model.info.n_layers
         self.kept: dict[str, list] = {}
         self.embed_at_p: list[torch.Tensor] = []
+        self.final_resid: torch.Tensor | None = None
         self.final_scale: torch.Tensor | None = None
         self.max_var = 0.0
         self.q_p: torch.Tensor | None = None
@@ -283,7 +291,7 @@ class Capture:
             if name == "ln_final.hook_scale":
                 self.final_scale = x[0, :, 0]
             else:  # hook_embed, hook_pos_embed
-                self.embed_at_p.append(x[0, self.p].float())
+                self.embed_at_p.append(x[0, self.p].float().clone())
             return
         parts = name.split(".")
         layer, tail = int(parts[1]), parts[-1]
@@ -296,8 +304,10 @@ class Capture:
     def _resid(self, tail: str, layer: int, x: torch.Tensor) -> None:
         xf = x.float()
         self._keep(tail + ".norm", layer, xf.norm(dim=-1))
-        self._keep(tail + ".at_p", layer, xf[self.p])
+        self._keep(tail + ".at_p", layer, xf[self.p].clone())  # a copy: a view would keep the whole stream alive
         last = tail == "hook_resid_post" and layer == self.L - 1
+        if last:
+            self.final_resid = x  # (n, d), the model's dtype: the vocabulary statistics unembed it in chunks
         if self.model.ln_free and (tail != "hook_resid_post" or last):
             self.max_var = max(self.max_var, float(xf.var(-1, unbiased=False).max()))
 
@@ -321,13 +331,13 @@ class Capture:
         self._keep("row_p", layer, scores.softmax(-1))
 
     def _v(self, tail: str, layer: int, x: torch.Tensor) -> None:
-        self._keep(tail, layer, x[: self.p + 1])  # (p+1, H, dh): projected once the target is known
+        self._keep(tail, layer, x[: self.p + 1].clone())  # (p+1, H, dh), projected once the target is known
 
     def _z(self, tail: str, layer: int, x: torch.Tensor) -> None:
-        self._keep(tail, layer, x[self.p].float())  # (H, dh)
+        self._keep(tail, layer, x[self.p].float().clone())  # (H, dh)
 
     def _out_at_p(self, tail: str, layer: int, x: torch.Tensor) -> None:
-        self._keep(tail, layer, x[self.p].float())
+        self._keep(tail, layer, x[self.p].float().clone())
 
     REDUCERS = {
         "hook_resid_pre": _resid, "hook_resid_mid": _resid, "hook_resid_post": _resid, "hook_scale": _scale,
@@ -372,27 +382,87 @@ def _attribution(model: LoadedModel, cap: Capture, target: Target, logprobs_p: t
     )
 
 
-def _forward(model: LoadedModel, ids: list[int], p: int, keep_patterns: bool) -> tuple[Capture, torch.Tensor]:
-    """Run ``model`` once; return its capture and the full (n, vocab) log-probs."""
+def _forward(model: LoadedModel, ids: list[int], p: int, keep_patterns: bool) -> Capture:
+    """Run ``model`` once up to its final residual stream (the unembedding is left to :func:`_vocabulary`)."""
     cap = Capture(model, p, keep_patterns)
-    logits = model.forward(torch.tensor([ids], dtype=torch.long), observer=cap, wants=cap.wants)
-    assert logits is not None
-    return cap, logits[0].float().log_softmax(-1)
+    model.forward(torch.tensor([ids], dtype=torch.long), observer=cap, wants=cap.wants, return_logits=False)
+    return cap
 
 
-def _model_run(model: LoadedModel, ids: list[int], cap: Capture, logprobs: torch.Tensor, target: Target | None,
+@dataclass
+class _VocabStats:
+    """One model's full-vocabulary statistics, reduced as the chunks go."""
+
+    entropy: list = field(default_factory=list)
+    next_logprobs: list = field(default_factory=list)
+    argmax: list = field(default_factory=list)
+    final_scale: list = field(default_factory=list)
+    position_logprobs: torch.Tensor | None = None
+    top: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@torch.inference_mode()
+def _vocabulary(models: Sequence[LoadedModel], caps: Sequence[Capture], ids: list[int],
+                p: int) -> tuple[list[_VocabStats], dict[tuple[int, int], list]]:
+    """Unembed every model's final residual ``chunk`` positions at a time and reduce each chunk at once.
+
+    Per model: entropy, the log-prob of each actual next token, the top-1 token
+    at every position, the whole distribution and the top-k at the analysed
+    position, and the final LN's scale.  Per pair: KL both ways and JS
+    (:func:`~noln_core.divergence.pair_divergences`).  Only ``chunk x vocab``
+    logits exist at a time (:func:`vocab_chunk`), so memory does not grow with the text.
+    """
+    n = len(ids)
+    chunk = vocab_chunk(n)
+    stats = [_VocabStats() for _ in models]
+    pairs: dict[tuple[int, int], list] = {(i, j): [[], [], []] for i in range(len(models)) for j in range(i + 1, len(models))}
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        per_model = []
+        for model, cap, st in zip(models, caps, stats):
+            def keep_scale(name: str, x: torch.Tensor, st: _VocabStats = st) -> None:
+                if name == "ln_final.hook_scale":
+                    st.final_scale.append(x[..., 0])
+
+            logits = model.unembed(cap.final_resid[start:stop], observer=keep_scale)  # type: ignore[index]
+            lse, probs, ent, top1 = distribution_stats(logits)
+            targets = torch.tensor(ids[start + 1:stop + 1] + [0] * (stop - n + 1 if stop == n else 0),
+                                   device=logits.device)
+            st.entropy.append(ent)
+            st.next_logprobs.append(logits.gather(-1, targets[:, None])[:, 0] - lse)
+            st.argmax.append(top1)
+            if start <= p < stop:
+                st.position_logprobs = logits[p - start] - lse[p - start]
+                st.top = st.position_logprobs.topk(min(TOP_K, logits.shape[-1]))
+            per_model.append((logits, probs, lse, ent))
+        for (i, j), out in pairs.items():
+            if models[i] is models[j]:  # one model twice (A and C the same): nothing parts them
+                zero = per_model[i][2].new_zeros(stop - start)
+                values: tuple = (zero, zero, zero)
+            else:
+                (la, pa, lse_a, ha), (lb, pb, lse_b, hb) = per_model[i], per_model[j]
+                if len(pairs) > 1:  # pair_divergences overwrites B's logits and probabilities; other pairs need them
+                    lb, pb = lb.clone(), pb.clone()
+                values = pair_divergences(la, lb, pa, pb, lse_a, lse_b, ha, hb)
+            for kept, value in zip(out, values):
+                kept.append(value)
+        del per_model
+    return stats, pairs
+
+
+def _model_run(model: LoadedModel, cap: Capture, vocab: _VocabStats, target: Target | None,
                keep_patterns: bool) -> ModelRun:
-    p = cap.p
-    top = logprobs.topk(min(TOP_K, logprobs.shape[-1]), dim=-1)
-    nxt = torch.tensor(ids[1:], device=logprobs.device)
-    next_lp = logprobs[:-1].gather(-1, nxt[:, None])[:, 0] if len(ids) > 1 else logprobs.new_zeros(0)
     ln = not model.ln_free
+    top_values, top_ids = vocab.top  # type: ignore[misc]
+    if ln:
+        cap.final_scale = torch.cat(vocab.final_scale)
+    assert vocab.position_logprobs is not None
     return ModelRun(
         info=model.info,
-        next_logprobs=frozen(next_lp), entropy=frozen(entropy(logprobs)),
-        top_ids=frozen(top.indices, np.int64), top_logprobs=frozen(top.values),
-        top_tokens=decode_rows(model.tokenizer, top.indices.tolist()),
-        position_logprobs=frozen(logprobs[p]),
+        next_logprobs=frozen(torch.cat(vocab.next_logprobs)[:-1]), entropy=frozen(torch.cat(vocab.entropy)),
+        top_ids=frozen(top_ids, np.int64), top_logprobs=frozen(top_values),
+        top_tokens=decode_rows(model.tokenizer, [top_ids.tolist()])[0],
+        position_logprobs=frozen(vocab.position_logprobs),
         resid_pre_norm=frozen(cap.stack("hook_resid_pre.norm")),
         resid_mid_norm=frozen(cap.stack("hook_resid_mid.norm")),
         resid_post_norm=frozen(cap.stack("hook_resid_post.norm")),
@@ -402,8 +472,26 @@ def _model_run(model: LoadedModel, ids: list[int], cap: Capture, logprobs: torch
         attn_to_first=frozen(cap.stack("hook_attn_to_first")),
         attn_patterns=frozen(cap.stack("hook_pattern")) if keep_patterns else None,
         hf_deviation=float(1.0 - (1.0 + cap.max_var / model.info.eps) ** -0.5) if model.ln_free else None,
-        attribution=_attribution(model, cap, target, logprobs[p]) if target else None,
+        attribution=_attribution(model, cap, target, vocab.position_logprobs) if target else None,
     )
+
+
+def head_pattern(model: LoadedModel, token_ids: Sequence[int], layer: int, head: int) -> np.ndarray:
+    """One head's full attention pattern ``(n, n)`` (query x key) on ``token_ids``, read-only.
+
+    A forward pass through blocks ``0..layer`` only, with the explicit
+    attention path in ``layer`` alone: what a view of one head needs when a
+    run did not keep every pattern (``compare(..., keep_patterns=False)``).
+    """
+    info = model.info
+    if not (0 <= layer < info.n_layers and 0 <= head < info.n_heads):
+        raise InputError(f"layer {layer}, head {head} is outside {info.name} ({info.n_layers} layers, "
+                         f"{info.n_heads} heads)")
+    name = f"blocks.{layer}.attn.hook_pattern"
+    kept: list[torch.Tensor] = []
+    model.forward(torch.tensor([list(token_ids)], dtype=torch.long), observer=lambda _, x: kept.append(x[0, head]),
+                  wants=name.__eq__, stop_at_layer=layer + 1)
+    return frozen(kept[0])
 
 
 def _auto_target(model: LoadedModel, candidates: list[str]) -> Target | None:
@@ -497,14 +585,15 @@ def compare(
 
     keep_patterns = keep_patterns and all(
         m.info.n_layers * m.info.n_heads * n * n <= max_pattern_elements for m in models)
-    forwards = [_forward(model, ids, p, keep_patterns) for model in models]
+    caps = [_forward(model, ids, p, keep_patterns) for model in models]
+    vocab, pair_stats = _vocabulary(models, caps, ids, p)
     if target is None and auto_target:
-        first_tops = []
-        for model, (_, lp) in zip(models, forwards):
-            first_tops += [t for t in decode_rows(model.tokenizer, [lp[p].topk(TOP_K).indices.tolist()])[0]
-                           if t not in first_tops]
-        target = _auto_target(models[0], first_tops)
-    runs = [_model_run(model, ids, cap, lp, target, keep_patterns) for model, (cap, lp) in zip(models, forwards)]
+        candidates: list[str] = []
+        for model, v in zip(models, vocab):
+            candidates += [t for t in decode_rows(model.tokenizer, [v.top[1].tolist()])[0] if t not in candidates]
+        target = _auto_target(models[0], candidates)
+    runs = [_model_run(model, cap, v, target, keep_patterns) for model, cap, v in zip(models, caps, vocab)]
+    del caps
     for model, run in zip(models, runs):
         if run.hf_deviation is not None and run.hf_deviation > DEVIATION_WARNING:
             warnings.append(
@@ -512,16 +601,12 @@ def compare(
                 f"deviate from the exact LN-free model by {run.hf_deviation:.1%} (the follow-up paper's exploding-norm "
                 "case)"
             )
-    logprobs = [lp.cpu() for _, lp in forwards]
-    del forwards
-    pairs = []
-    for i in range(len(models)):
-        for j in range(i + 1, len(models)):
-            la, lb = logprobs[i], logprobs[j]
-            pairs.append(PairDivergence(
-                a=i, b=j, kl_ab=frozen(kl_divergence(la, lb)), kl_ba=frozen(kl_divergence(lb, la)),
-                js=frozen(js_divergence(la, lb)), top1_agree=frozen(la.argmax(-1) == lb.argmax(-1), bool),
-            ))
+    argmax = [torch.cat(v.argmax) for v in vocab]
+    pairs = [
+        PairDivergence(a=i, b=j, kl_ab=frozen(torch.cat(kl_ab)), kl_ba=frozen(torch.cat(kl_ba)), js=frozen(torch.cat(js)),
+                       top1_agree=frozen(argmax[i] == argmax[j], bool))
+        for (i, j), (kl_ab, kl_ba, js) in pair_stats.items()
+    ]
     decoded, pieces = token_pieces(tok, ids)
     for run in runs:
         warnings += [f"{run.info.name}: {w}" for w in run.info.warnings]

@@ -130,8 +130,12 @@ def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
         raise ModelLoadError(f"could not store {repo} in the Hugging Face cache: {err}") from err
 
 
-def _locate(source: str, revision: str | None, allow_local: bool) -> tuple[Path, str, str | None, str | None]:
-    """Return ``(directory, source, revision, commit)`` for a shipped demo model, a local dir or a hub repo."""
+def _locate(source: str, revision: str | None, allow_local: bool,
+            config_only: bool = False) -> tuple[Path, str, str | None, str | None]:
+    """Return ``(directory, source, revision, commit)`` for a shipped demo model, a local dir or a hub repo.
+
+    ``config_only`` fetches nothing but ``config.json`` from the hub (to size a model before loading it).
+    """
     if source.startswith(DEMO_PREFIX):
         directory = DEMO_DIR / source.removeprefix(DEMO_PREFIX)
         if source not in REGISTRY or not (directory / "config.json").is_file():
@@ -154,11 +158,35 @@ def _locate(source: str, revision: str | None, allow_local: bool) -> tuple[Path,
         raise UnknownModelError(f"{source!r} is neither a local directory nor a valid hub repo id (owner/name)")
     if revision is None and lookup(repo, None) is not None:
         revision = lookup(repo, None).revision  # type: ignore[union-attr]
+    if config_only:
+        return _snapshot(repo, revision, ["config.json"]), repo, revision, None
     directory = _snapshot(repo, revision, WEIGHT_PATTERNS + TOKENIZER_PATTERNS)
     if not any(directory.glob("model*.safetensors")):
         directory = _snapshot(repo, revision, BIN_PATTERNS + ["config.json"] + TOKENIZER_PATTERNS)
     commit = directory.name if re.fullmatch(r"[0-9a-f]{40}", directory.name) else None
     return directory, repo, revision, commit
+
+
+def _source_and_revision(source: str, revision: str | None) -> tuple[str, str | None]:
+    if not isinstance(source, str) or not source.strip():
+        raise ModelLoadError("no model given: name a hub repo id (e.g. openai-community/gpt2) or a local directory")
+    source = source.strip()
+    if revision is None and not Path(os.path.expanduser(source)).exists():
+        source, revision = parse_spec(source)
+    return source, revision
+
+
+def estimate_bytes(source: str, device: str = "auto", dtype: str | torch.dtype = "float32", *,
+                   allow_local: bool = True) -> int:
+    """The memory a model will take once loaded, from its ``config.json`` alone (fetched without the weights).
+
+    Raises the same one-line errors as :func:`load_model` for a bad source or config.
+    """
+    source, revision = _source_and_revision(source, revision=None)
+    resolve_device(device)
+    itemsize = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
+    directory, source, revision, _ = _locate(source, revision, allow_local, config_only=True)
+    return read_config(directory, source).n_parameters() * itemsize
 
 
 def load_model(
@@ -190,11 +218,7 @@ def load_model(
     Raises:
         ModelLoadError: (or a subclass) with a one-line message for any bad source.
     """
-    if not isinstance(source, str) or not source.strip():
-        raise ModelLoadError("no model given: name a hub repo id (e.g. openai-community/gpt2) or a local directory")
-    source = source.strip()
-    if revision is None and not Path(os.path.expanduser(source)).exists():
-        source, revision = parse_spec(source)
+    source, revision = _source_and_revision(source, revision)
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     directory, source, revision, commit = _locate(source, revision, allow_local)
     display = name or (source if revision is None else f"{source}@{revision}")
@@ -248,7 +272,7 @@ def load_model(
     )
     model = LoadedModel(info=info, weights=weights, tokenizer=tokenizer,
                         scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx)
-    if ln_free:
+    if ln_free and eps < PROBE_BELOW_EPS:
         deviation = stored_trick_deviation(model)
         if deviation > DEVIATION_WARNING:
             model = replace(model, info=replace(info, warnings=info.warnings + (
@@ -258,6 +282,10 @@ def load_model(
     return model
 
 
+PROBE_BELOW_EPS = 1e10
+"""Checkpoints with a smaller eps are probed at load time.  At ``eps >= 1e10`` the stored model deviates by
+``~var/(2 eps)``, above 0.1% only for residual norms beyond ~120,000 (GPT-2's largest are ~3,000): ordinary text
+cannot show it, and each run still measures it on its own text (``ModelRun.hf_deviation``)."""
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3:\t\n"
 """A short text run once at load time to measure the stored LN-free checkpoint's deviation."""
 
@@ -275,6 +303,8 @@ def stored_trick_deviation(model: LoadedModel, text: str = PROBE_TEXT) -> float:
     ids = [model.info.bos_token_id] + model.tokenizer.encode(text, add_special_tokens=False).ids
     last = f"blocks.{model.info.n_layers - 1}.hook_resid_post"
     names = [f"blocks.{layer}.hook_resid_{k}" for layer in range(model.info.n_layers) for k in ("pre", "mid")] + [last]
-    _, cache = model.run_with_cache(torch.tensor([ids[: model.info.n_ctx]]), names_filter=names)
-    max_var = max(float(x.float().var(-1, unbiased=False).max()) for x in cache.values())
+    seen: list[float] = []
+    model.forward(torch.tensor([ids[: model.info.n_ctx]]), observer=lambda _, x: seen.append(
+        float(x.float().var(-1, unbiased=False).max())), wants=set(names).__contains__, return_logits=False)
+    max_var = max(seen)
     return float(1.0 - (1.0 + max_var / model.info.eps) ** -0.5)

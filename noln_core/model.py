@@ -28,7 +28,7 @@ Hook names and shapes follow TransformerLens (``blocks.{l}.hook_resid_pre``,
 written against ``run_with_cache`` carries over.  One hook is our own:
 ``blocks.{l}.attn.hook_attn_to_first`` ``[batch, head, query]``, the attention
 on position 0, which the fused attention kernel yields without materialising
-the pattern (an extra value column that is 1 at position 0).  Nothing is registered on any
+the pattern (the attention output for a value that is 1 at position 0).  Nothing is registered on any
 module: observers are arguments of one call, so concurrent calls on one
 loaded model never see each other's hooks.
 """
@@ -235,6 +235,11 @@ class LoadedModel:
     def device(self) -> torch.device:
         return self.weights.W_E.device
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights (a tied unembedding counted once)."""
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in self.weights.tensors()}.values())
+
     def hook_names(self) -> list[str]:
         """Every hook name a forward pass can report, in execution order."""
         names = ["hook_embed", "hook_pos_embed"]
@@ -259,12 +264,15 @@ class LoadedModel:
         observer: Observer | None = None,
         wants: Callable[[str], bool] | None = None,
         return_logits: bool = True,
+        stop_at_layer: int | None = None,
     ) -> torch.Tensor | None:
         """Run on ``tokens`` ``[batch, pos]``; return logits ``[batch, pos, d_vocab]`` (float32).
 
         ``observer(name, tensor)`` is called for each hook name that ``wants``
         accepts (all of them when ``wants`` is None).  With ``return_logits``
-        False the unembedding is skipped and ``None`` returned.
+        False the unembedding is skipped and ``None`` returned.  With
+        ``stop_at_layer=k`` (TransformerLens' name) only blocks ``0..k-1`` run,
+        and ``None`` is returned.
         """
         info, w = self.info, self.weights
         if tokens.ndim == 1:
@@ -286,9 +294,10 @@ class LoadedModel:
         def norm_in(x: torch.Tensor, name: str) -> torch.Tensor:
             if not ln:
                 return x
-            centred, scale = _scale(x, eps)
-            put(name + ".hook_scale", scale)
-            normed = centred / scale
+            xf = x.float()
+            if want(name + ".hook_scale"):
+                put(name + ".hook_scale", (xf.var(-1, unbiased=False, keepdim=True) + eps).sqrt())
+            normed = torch.nn.functional.layer_norm(xf, (xf.shape[-1],), eps=eps)  # centring and division, fused
             put(name + ".hook_normalized", normed)
             return normed.to(dtype)
 
@@ -298,7 +307,8 @@ class LoadedModel:
             put("hook_embed", embed)
             put("hook_pos_embed", pos.expand_as(embed))
             resid = embed + pos
-            for layer in range(info.n_layers):
+            marker = None
+            for layer in range(info.n_layers if stop_at_layer is None else min(stop_at_layer, info.n_layers)):
                 b = f"blocks.{layer}."
                 put(b + "hook_resid_pre", resid)
                 x = norm_in(resid, b + "ln1")
@@ -316,19 +326,20 @@ class LoadedModel:
                     put(b + "attn.hook_attn_to_first", pattern[..., 0])
                     z = torch.einsum("bhqk,bkhd->bqhd", pattern.to(dtype), v)
                 else:  # nobody looks at the whole pattern: the fused kernel, as transformers uses
-                    vt = v.transpose(1, 2)
-                    to_first = want(b + "attn.hook_attn_to_first")
-                    if to_first:  # one extra value column, 1 at position 0: its output is the attention on position 0
-                        marker = torch.zeros(*vt.shape[:-1], 1, dtype=vt.dtype, device=vt.device)
-                        marker[:, :, 0] = 1
-                        vt = torch.cat([vt, marker], dim=-1)
-                    zt = torch.nn.functional.scaled_dot_product_attention(
-                        q.transpose(1, 2), k.transpose(1, 2), vt, is_causal=True, scale=1.0 / div
-                    )
-                    if to_first:
-                        put(b + "attn.hook_attn_to_first", zt[..., -1])
-                        zt = zt[..., :-1]
-                    z = zt.transpose(1, 2)
+                    qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+                    z = torch.nn.functional.scaled_dot_product_attention(
+                        qt, kt, v.transpose(1, 2), is_causal=True, scale=1.0 / div
+                    ).transpose(1, 2)
+                    if want(b + "attn.hook_attn_to_first"):
+                        # Attention to position 0 is the output for a value that is 1 at position 0 and 0 elsewhere.
+                        # It goes through the same fused kernel (which needs a value as wide as the keys): one more
+                        # attention call, instead of materialising the n x n pattern.
+                        if marker is None:
+                            marker = torch.zeros(1, 1, n, dh, dtype=dtype, device=v.device)
+                            marker[..., 0, 0] = 1
+                        first = torch.nn.functional.scaled_dot_product_attention(
+                            qt, kt, marker.expand(tokens.shape[0], H, n, dh), is_causal=True, scale=1.0 / div)
+                        put(b + "attn.hook_attn_to_first", first[..., 0])
                 put(b + "attn.hook_z", z)
                 attn_out = z.flatten(-2) @ w.W_O[layer] + w.b_O[layer]
                 put(b + "hook_attn_out", attn_out)
@@ -343,7 +354,7 @@ class LoadedModel:
                 put(b + "hook_mlp_out", mlp_out)
                 resid = resid + mlp_out
                 put(b + "hook_resid_post", resid)
-            if not return_logits:
+            if not return_logits or stop_at_layer is not None:
                 return None
             return self.unembed(resid, observer=put)
 
@@ -367,7 +378,9 @@ class LoadedModel:
                 if observer is not None:
                     observer("ln_final.hook_normalized", x)
                 x = x.to(w.W_E.dtype)
-            return ((x * w.w_U) @ w.W_U_rows.T).float() + w.b_U.float()
+            x = (x * w.w_U).reshape(-1, x.shape[-1])
+            logits = torch.addmm(w.b_U.to(x.dtype), x, w.W_U_rows.T)  # bias fused: one vocabulary-sized output
+            return logits.float().reshape(*resid.shape[:-1], -1)
 
     def run_with_cache(
         self, tokens: torch.Tensor, names_filter: Callable[[str], bool] | Iterable[str] | str | None = None

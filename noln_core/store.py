@@ -8,6 +8,10 @@
   all at once.  A waiting session is told its place in the queue
   (``on_wait``).  A session asking for a model that a session ahead of it
   loaded gets that one.
+* With a byte budget (``max_bytes`` and an ``estimate`` of a model's size from
+  its config), the store evicts *before* it loads, so the models alive during a
+  load never exceed the budget, and a model that cannot fit is refused at once
+  with one line instead of an out-of-memory kill.
 * A failed load is not remembered: the next request tries again, so an
   interrupted download or a transient hub error never poisons the store.
 """
@@ -15,22 +19,38 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from typing import Callable
 
+from .errors import ModelLoadError
 from .model import LoadedModel
 
 Key = tuple[str, str, str]
 """(spec, device, dtype): everything that makes two loads differ."""
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
 class ModelStore:
-    def __init__(self, max_models: int, loader: Callable[..., LoadedModel]):
-        """``loader(spec, device=..., dtype=...)`` loads one model (``noln_core.load_model`` or a wrapper)."""
+    def __init__(self, max_models: int, loader: Callable[..., LoadedModel], max_bytes: int | None = None,
+                 estimate: Callable[[str, str, str], int] | None = None):
+        """``loader(spec, device=..., dtype=...)`` loads one model (``noln_core.load_model`` or a wrapper).
+
+        ``max_bytes``: the memory all resident models may take; ``estimate(spec, device, dtype)`` says what a
+        model will take before it is loaded (:func:`noln_core.loading.estimate_bytes`), and must be given with it.
+        """
         if max_models < 1:
             raise ValueError("max_models must be at least 1")
+        if (max_bytes is None) != (estimate is None):
+            raise ValueError("give max_bytes and estimate together")
         self.max_models = max_models
+        self.max_bytes = max_bytes
         self._loader = loader
+        self._estimate = estimate
+        self._sizes: dict[Key, int] = {}
         self._models: OrderedDict[Key, LoadedModel] = OrderedDict()
         self._cond = threading.Condition()  # guards _models and _queue
         self._queue: list[object] = []  # one ticket per request waiting to load, the loading one first
@@ -45,11 +65,13 @@ class ModelStore:
             return model
 
     def get(self, spec: str, device: str, dtype: str,
-            on_wait: Callable[[int], None] | None = None) -> LoadedModel:
+            on_wait: Callable[[int], None] | None = None, max_wait: float | None = None) -> LoadedModel:
         """The model for ``(spec, device, dtype)``, loading it in turn if it is not resident.
 
         ``on_wait(n)`` is called (from this thread) whenever the number of
         loads ahead of this one changes while it waits; never when it need not wait.
+        ``max_wait``: seconds to wait for a turn before giving up with a one-line
+        :class:`~noln_core.errors.ModelLoadError` (the request leaves the queue).
         """
         key = (spec, device, dtype)
         model = self._resident(key)
@@ -58,6 +80,7 @@ class ModelStore:
         ticket = object()
         with self._cond:
             self._queue.append(ticket)
+        deadline = None if max_wait is None else time.monotonic() + max_wait
         try:
             told = None
             while True:
@@ -65,6 +88,11 @@ class ModelStore:
                     ahead = self._queue.index(ticket)
                     if ahead == 0:
                         break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ModelLoadError(
+                        f"the server is busy loading other models ({ahead} ahead of {spec}) and waited {max_wait:.0f} s: "
+                        "try again in a minute"
+                    )
                 if on_wait is not None and ahead != told:
                     on_wait(ahead)
                     told = ahead
@@ -74,18 +102,42 @@ class ModelStore:
             model = self._resident(key)  # loaded by a session ahead of this one
             if model is not None:
                 return model
+            if self.max_bytes is not None:
+                self._make_room(spec, self._estimate(spec, device, dtype), dtype)  # type: ignore[misc]
             model = self._loader(spec, device=device, dtype=dtype)
             with self._cond:
                 self.loads += 1
                 self._models[key] = model
+                self._sizes[key] = getattr(model, "nbytes", 0)
                 while len(self._models) > self.max_models:
-                    self._models.popitem(last=False)
-                    self.evictions += 1
+                    self._evict_oldest()
             return model
         finally:
             with self._cond:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
+
+    def _evict_oldest(self) -> None:
+        key, _ = self._models.popitem(last=False)
+        self._sizes.pop(key, None)
+        self.evictions += 1
+
+    def _make_room(self, spec: str, need: int, dtype: str) -> None:
+        """Evict the least recently used models until ``need`` more bytes fit the budget; refuse what never fits."""
+        assert self.max_bytes is not None
+        if need > self.max_bytes:
+            raise ModelLoadError(
+                f"{spec} needs about {_size(need)} as {dtype}, more than the {_size(self.max_bytes)} this server keeps "
+                "for models: pick a smaller model, or bfloat16"
+            )
+        with self._cond:
+            while self._models and self.resident_bytes() + need > self.max_bytes:
+                self._evict_oldest()
+
+    def resident_bytes(self) -> int:
+        """Bytes of the resident models' weights."""
+        with self._cond:
+            return sum(self._sizes.values())
 
     def waiting(self) -> int:
         """Requests queued to load, the one loading now included."""
@@ -99,3 +151,4 @@ class ModelStore:
     def clear(self) -> None:
         with self._cond:
             self._models.clear()
+            self._sizes.clear()

@@ -104,3 +104,59 @@ def test_a_resident_model_never_waits():
     told: list[int] = []
     store.get("a", "cpu", "float32", on_wait=told.append)
     assert told == []
+
+
+class SizedModel(FakeModel):
+    def __init__(self, spec, nbytes):
+        super().__init__(spec)
+        self.nbytes = nbytes
+
+
+def test_a_byte_budget_evicts_before_loading():
+    """Never more than the budget alive: the oldest model goes before the new one is loaded, not after."""
+    sizes = {"a": 40, "b": 40, "c": 50}
+    alive_during_load: list[int] = []
+    store: ModelStore
+
+    def loader(spec, **_):
+        alive_during_load.append(store.resident_bytes())
+        return SizedModel(spec, sizes[spec])
+
+    store = ModelStore(8, loader, max_bytes=100, estimate=lambda spec, device, dtype: sizes[spec])
+    store.get("a", "cpu", "float32")
+    store.get("b", "cpu", "float32")
+    store.get("c", "cpu", "float32")
+    assert [k[0] for k in store.resident()] == ["b", "c"] and store.resident_bytes() == 90
+    assert alive_during_load == [0, 40, 40]  # a was evicted before c loaded: 40 + 50 <= 100 at every moment
+
+
+def test_a_model_larger_than_the_budget_is_refused_at_once():
+    from noln_core import ModelLoadError
+
+    loads = []
+    store = ModelStore(8, lambda spec, **_: loads.append(spec) or SizedModel(spec, 10), max_bytes=6_000_000_000,
+                       estimate=lambda spec, device, dtype: 6_230_000_000)
+    with pytest.raises(ModelLoadError, match=r"needs about 6.2 GB as float32, more than the 6.0 GB this server keeps"):
+        store.get("gpt2-xl", "cpu", "float32")
+    assert loads == [] and store.waiting() == 0
+
+
+def test_budget_and_estimate_come_together():
+    with pytest.raises(ValueError):
+        ModelStore(2, lambda spec, **_: None, max_bytes=10)
+
+
+def test_waiting_for_a_turn_is_time_limited():
+    from noln_core import ModelLoadError
+
+    release = threading.Event()
+    store = ModelStore(4, lambda spec, **_: release.wait(10) and FakeModel(spec) if spec == "slow" else FakeModel(spec))
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(store.get, "slow", "cpu", "float32")
+        while store.waiting() < 1:
+            time.sleep(0.01)
+        with pytest.raises(ModelLoadError, match=r"busy loading other models \(1 ahead of b\) .* try again"):
+            store.get("b", "cpu", "float32", max_wait=0.3)
+        assert store.waiting() == 1  # the request that gave up left the queue
+        release.set()
+        assert slow.result().spec == "slow"

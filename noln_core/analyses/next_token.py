@@ -1,7 +1,7 @@
 """Next-token predictions, per-token loss and how two models' distributions differ.
 
 For each model: ``log p(token[i+1] | tokens[..i])`` (the per-token loss is its
-negative), the top-k predictions and the entropy ``H = -sum p log p``.  For
+negative), the top-k predictions at the analysed position and the entropy ``H = -sum p log p``.  For
 each pair of models, per position: ``KL(A||B) = sum p_A (log p_A - log p_B)``
 both ways, the Jensen-Shannon divergence ``JS = (KL(A||M) + KL(B||M)) / 2``
 with ``M = (p_A + p_B)/2`` (symmetric, at most ln 2), and whether their top-1
@@ -30,11 +30,11 @@ class NextTokenStats:
     entropy: np.ndarray
     """(n,) entropy of the prediction at each position."""
     top_ids: np.ndarray
-    """(n, k) most likely next tokens."""
+    """(k,) most likely next tokens at the analysed position."""
     top_probs: np.ndarray
-    """(n, k) their probabilities."""
-    top_tokens: tuple[tuple[str, ...], ...]
-    """(n, k) the same tokens as text."""
+    """(k,) their probabilities."""
+    top_tokens: tuple[str, ...]
+    """(k,) the same tokens as text."""
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,15 @@ def token_label(token: str, max_len: int = 16) -> str:
     shown = "".join(_VISIBLE.get(ch, ch if ch.isprintable() else f"\\x{ord(ch):02x}") for ch in token)
     if len(shown) > max_len:
         shown = shown[: max_len - 1] + "…"
-    return html.escape(shown or "∅")
+    return html.escape(shown or "∅", quote=False)
 
 
 def safe(text: str) -> str:
-    """Escape user text for Plotly titles, legends and hover text."""
-    return html.escape(text)
+    """Escape user text for Plotly titles, legends and hover text.
+
+    ``<``, ``>`` and ``&`` only: Plotly's label markup has no attributes to break out of once no tag can open, and
+    it shows ``&quot;`` literally, so quotes stay as typed."""
+    return html.escape(text, quote=False)
 
 
 def model_label(index: int, name: str) -> str:
@@ -259,15 +262,19 @@ def dla_vs_direct_effect(effects: Sequence[HeadDirectEffect]) -> go.Figure:
     return fig
 
 
-def attention_patterns(summaries: Sequence[AttentionSummary], layer: int, head: int, tokens: Sequence[str]) -> go.Figure:
-    """One head's attention pattern in every model, side by side."""
-    shown = [(i, s) for i, s in enumerate(summaries) if s.patterns is not None]
-    if not shown:
-        raise ValueError("these runs kept no full attention patterns (the text is too long)")
-    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[model_label(i, s.name) for i, s in shown], horizontal_spacing=0.08)
+def attention_patterns(names: Sequence[str], patterns: Sequence[np.ndarray], layer: int, head: int,
+                       tokens: Sequence[str]) -> go.Figure:
+    """One head's attention pattern ``(n, n)`` in every model, side by side (``patterns[i]`` of model ``names[i]``).
+
+    From a run that kept them: ``[s.patterns[layer, head] for s in attention(result)]``; from one that did not:
+    :func:`noln_core.compare.head_pattern`.
+    """
+    shown = list(enumerate(zip(names, patterns)))
+    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[model_label(i, name) for i, (name, _) in shown],
+                        horizontal_spacing=0.08)
     hover = _hover_tokens(tokens)
-    for i, (_, s) in enumerate(shown):
-        pat = s.patterns[layer, head].astype(float).copy()
+    for i, (_, (_, pattern)) in enumerate(shown):
+        pat = pattern.astype(float).copy()
         pat[np.triu_indices_from(pat, k=1)] = np.nan
         custom = np.array([[f"{hover[q]} → {hover[k]}" for k in range(len(tokens))] for q in range(len(tokens))])
         fig.add_trace(go.Heatmap(z=pat, zmin=0, zmax=1, colorscale=SEQUENTIAL, showscale=i == 0, customdata=custom,

@@ -40,13 +40,13 @@ def tokens_frame(result) -> pd.DataFrame:
     })
 
 
-def top_predictions_frame(result, position: int | None = None) -> pd.DataFrame:
-    """Top-k next tokens at ``position`` for every model, with each model's probability of every listed token."""
-    p = result.position if position is None else position
+def top_predictions_frame(result) -> pd.DataFrame:
+    """Top-k next tokens at the analysed position for every model, with each model's probability of every listed
+    token."""
     labels = model_labels(r.name for r in result.runs)
     rows = []
     for label, run in zip(labels, result.runs):
-        for rank, (tid, text, lp) in enumerate(zip(run.top_ids[p], run.top_tokens[p], run.top_logprobs[p]), 1):
+        for rank, (tid, text, lp) in enumerate(zip(run.top_ids, run.top_tokens, run.top_logprobs), 1):
             row = {"model": label, "rank": rank, "token_id": int(tid), "token": text, "prob": float(np.exp(lp))}
             for other_label, other in zip(labels, result.runs):
                 row[f"p[{other_label}]"] = float(np.exp(other.position_logprobs[int(tid)]))
@@ -144,13 +144,11 @@ def attention_frame(summaries: tuple[AttentionSummary, ...]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def pattern_frame(summaries: tuple[AttentionSummary, ...], layer: int, head: int, tokens) -> pd.DataFrame:
+def pattern_frame(names, patterns, layer: int, head: int, tokens) -> pd.DataFrame:
+    """One head's pattern per model (``patterns[i]`` of ``names[i]``, each ``(n, n)``), one row per causal pair."""
     rows = []
-    for s in summaries:
-        if s.patterns is None:
-            continue
-        pat = s.patterns[layer, head]
-        rows += [{"model": s.name, "layer": layer, "head": head, "query": q, "key": k, "query_token": tokens[q],
+    for name, pat in zip(names, patterns):
+        rows += [{"model": name, "layer": layer, "head": head, "query": q, "key": k, "query_token": tokens[q],
                   "key_token": tokens[k], "attention": float(pat[q, k])}
                  for q in range(pat.shape[0]) for k in range(q + 1)]
     return pd.DataFrame(rows)

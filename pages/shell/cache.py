@@ -8,6 +8,8 @@
   frozen and its arrays read-only, so sessions share one object without
   copying it.  Each entry also holds the analyses computed from its run, and
   they count towards the budget;
+* one head's attention pattern per model, computed when the Attention page
+  first shows it and kept with its run: runs keep no full patterns;
 * a run that chose its own target (new text, no answer yet) is filed under
   the chosen target's key too, so the rerun that follows finds it: editing the
   text runs each model once.
@@ -22,11 +24,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import streamlit as st
 
 import noln_core
 from noln_core import LoadedModel, RunResult, compare
-from noln_core.compare import nbytes
+from noln_core.compare import head_pattern, nbytes
+from noln_core.loading import estimate_bytes
 from noln_core.registry import REGISTRY
 from noln_core.store import ModelStore
 from pages.shell import limits
@@ -43,10 +47,18 @@ def _load_model(spec: str, device: str, dtype: str) -> LoadedModel:
                                 name=display_name(spec))
 
 
+def _estimate(spec: str, device: str, dtype: str) -> int:
+    if limits.LIMITS.hosted and spec not in REGISTRY:
+        raise noln_core.ModelLoadError(f"{spec} is not in the registry; only registry models are allowed here")
+    return estimate_bytes(spec, device=device, dtype=dtype, allow_local=not limits.LIMITS.hosted)
+
+
 @st.cache_resource(show_spinner=False)
 def model_store() -> ModelStore:
-    """The process's models, shared by every session."""
-    return ModelStore(limits.LIMITS.max_models, _load_model)
+    """The process's models, shared by every session (bounded in bytes when ``model_memory_mb`` is set)."""
+    budget = limits.LIMITS.model_memory_mb
+    return ModelStore(limits.LIMITS.max_models, _load_model, max_bytes=budget * 1_000_000 if budget else None,
+                      estimate=_estimate if budget else None)
 
 
 def load(spec: str, device: str, dtype: str) -> LoadedModel:
@@ -59,7 +71,7 @@ def load(spec: str, device: str, dtype: str) -> LoadedModel:
             note.caption(f"Loads are queued one at a time: {ahead} ahead of yours.")
 
         try:
-            return store.get(spec, device, dtype, on_wait=waiting)
+            return store.get(spec, device, dtype, on_wait=waiting, max_wait=limits.LIMITS.load_wait_s)
         finally:
             note.empty()
 
@@ -154,7 +166,7 @@ def run(models: tuple[LoadedModel, ...], text: str, answer: str | None, counterf
     if entry is None:
         with st.spinner("Running the models…"):
             result = compare(list(models), text, answer, counterfactual, position, bos, max_tokens=limits.LIMITS.max_tokens,
-                             auto_target=answer is None and counterfactual is None)
+                             auto_target=answer is None and counterfactual is None, keep_patterns=False)
         keys = [key]
         if result.target is not None and result.target.chosen_by_run:
             keys.append(run_key(models, text, result.target.answer, result.target.counterfactual, position, bos))
@@ -163,6 +175,22 @@ def run(models: tuple[LoadedModel, ...], text: str, answer: str | None, counterf
     elif entry.result.target is not None and entry.result.target.chosen_by_run:
         key = run_key(models, text, entry.result.target.answer, entry.result.target.counterfactual, position, bos)
     return key, entry.result
+
+
+def head_patterns(models: tuple[LoadedModel, ...], key: RunKey, result: RunResult, layer: int,
+                  head: int) -> list[np.ndarray]:
+    """One head's pattern in every model, computed when first shown and kept with the run (runs keep no patterns:
+    every head of every layer is ``L x H x n x n`` floats, of which a page shows one head)."""
+    cache = run_cache()
+    entry = cache.get(key)
+    name = f"pattern:{layer}:{head}"
+    if entry is not None and name in entry.analyses:
+        return entry.analyses[name]
+    with st.spinner(f"Attention pattern of L{layer}H{head}…"):
+        value = [head_pattern(m, result.token_ids, layer, head) for m in models]
+    if entry is not None and entry.result is result:
+        cache.add_analysis(entry, name, value)
+    return value
 
 
 def analysis(fn: Callable[[RunResult], Any], key: RunKey, result: RunResult) -> Any:

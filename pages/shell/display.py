@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import streamlit as st
 
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 _MARKDOWN_ACTIVE = set("\\`*_[]<>$~|:&#")
+WORD_JOINER = "\u2060"
+_AUTOLINK = re.compile(r"(?i)(?<=w)(?=ww)|(?=://)|(?=@)")
+"""Where GitHub-flavoured autolinks start: ``www``, ``://`` and ``@``.  Streamlit's Markdown finds them in the text
+after escapes are resolved, so escaping cannot stop them; an invisible word joiner there does."""
 
 
 def md(text: str) -> str:
-    """User text made literal for Streamlit's Markdown: no emphasis, links, HTML, LaTeX, emoji or colour codes."""
-    return "".join("\\" + ch if ch in _MARKDOWN_ACTIVE else (" " if ch in "\r\n" else ch) for ch in str(text))
+    """User text made literal and inert for Streamlit's Markdown: no emphasis, links of any kind (``www.x.org``,
+    ``https://…`` and e-mail addresses too), HTML, LaTeX, emoji or colour codes.  It reads as typed."""
+    joined = _AUTOLINK.sub(WORD_JOINER, str(text))
+    return "".join("\\" + ch if ch in _MARKDOWN_ACTIVE else (" " if ch in "\r\n" else ch) for ch in joined)
 
 
 def figure(fig, name: str, frame: pd.DataFrame | None = None) -> None:

@@ -26,6 +26,10 @@ class Limits:
     max_text_chars: int = MAX_TEXT_CHARS
     run_cache_mb: int = 1024
     """Memory the cache of runs and their analyses may hold, shared by every session (least recently used evicted)."""
+    load_wait_s: int | None = None
+    """Seconds a session waits for its turn to load before it is told to try again (None: no limit)."""
+    model_memory_mb: int | None = None
+    """Memory the resident models' weights may take; a model that cannot fit is refused before it loads."""
 
 
 def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
@@ -59,6 +63,8 @@ def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
         max_models=number("NOLN_MAX_MODELS", "max_models", 3 if hosted else 4),
         max_text_chars=min(number("NOLN_MAX_TEXT_CHARS", "max_text_chars", MAX_TEXT_CHARS), MAX_TEXT_CHARS),
         run_cache_mb=number("NOLN_RUN_CACHE_MB", "run_cache_mb", 256 if hosted else 1024),
+        model_memory_mb=number("NOLN_MODEL_MEMORY_MB", "model_memory_mb", 6000 if hosted else None),
+        load_wait_s=number("NOLN_LOAD_WAIT_S", "load_wait_s", 120 if hosted else None),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import streamlit as st
 import torch
 
@@ -19,6 +20,7 @@ from pages.shell.display import md
 from pages.shell.state import state, unshown_link_notes
 
 _RUN = "_run"
+_MODELS = "_models"
 
 
 def _load_models() -> tuple[LoadedModel, ...] | None:
@@ -66,6 +68,7 @@ def prepare() -> RunResult | None:
     sidebar.token_pickers(result)
     sidebar.tokenisation_inspector(models)
     st.session_state[_RUN] = (key, result)
+    st.session_state[_MODELS] = models
     return result
 
 
@@ -80,6 +83,12 @@ def current_run() -> RunResult | None:
     for note in unshown_link_notes():
         st.warning(f"Link: {md(note)}", icon=":material/link:")
     return result
+
+
+def head_patterns(layer: int, head: int) -> list[np.ndarray]:
+    """One head's attention pattern in every model of the current run (computed once, then cached with it)."""
+    key, result = st.session_state[_RUN]
+    return cache.head_patterns(st.session_state[_MODELS], key, result, layer, head)
 
 
 def analysis(fn: Callable[[RunResult], Any]) -> Any:

@@ -5,7 +5,7 @@ import streamlit as st
 from noln_core.analyses import attention
 from noln_core.viz import figures, tables
 from pages.shell.display import figure, md
-from pages.shell.runs import analysis, current_run
+from pages.shell.runs import analysis, current_run, head_patterns
 from pages.shell.state import bound
 
 st.header("Attention and attention sinks")
@@ -25,8 +25,7 @@ if result is not None:
     c1, c2 = st.columns(2)
     layer = bound("attn_layer", c1.number_input, "Layer", 0, L - 1, clamp=lambda v: min(max(v, 0), L - 1))
     head = bound("attn_head", c2.number_input, "Head", 0, H - 1, clamp=lambda v: min(max(v, 0), H - 1))
-    if summaries[0].patterns is None:
-        st.info("The text is too long to keep full attention patterns; the sink statistics above are complete.")
-    else:
-        figure(figures.attention_patterns(summaries, int(layer), int(head), result.tokens), "attention_pattern",
-               tables.pattern_frame(summaries, int(layer), int(head), result.tokens))
+    names = [s.name for s in summaries]
+    patterns = head_patterns(int(layer), int(head))
+    figure(figures.attention_patterns(names, patterns, int(layer), int(head), result.tokens), "attention_pattern",
+           tables.pattern_frame(labels, patterns, int(layer), int(head), result.tokens))

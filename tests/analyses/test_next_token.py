@@ -27,14 +27,17 @@ def test_next_token_logprobs_equal_hf(result, ln_dir, noln_dir):
         np.testing.assert_allclose(run.next_logprobs, expected, atol=1e-4)
 
 
-def test_entropy_and_top_k_equal_hf(result, noln_dir):
+def test_entropy_and_top_k_equal_hf(result, ln_dir, noln_dir):
     ref = hf_run(noln_dir, list(result.token_ids))["logprobs"]
     run = result.runs[1]
     np.testing.assert_allclose(run.entropy, -(ref.exp() * ref).sum(-1).numpy(), atol=1e-4)
-    top = ref.topk(10, dim=-1)
-    np.testing.assert_array_equal(run.top_ids[:, 0], top.indices[:, 0].numpy())
+    top = ref[result.position].topk(10)
+    np.testing.assert_array_equal(run.top_ids, top.indices.numpy())
     np.testing.assert_allclose(run.top_logprobs, top.values.numpy(), atol=1e-4)
-    assert run.top_tokens[0][0] == hf_tokenizer(str(noln_dir)).decode([int(top.indices[0, 0])])
+    assert run.top_tokens == tuple(hf_tokenizer(str(noln_dir)).decode([int(i)]) for i in top.indices)
+    np.testing.assert_allclose(run.position_logprobs, ref[result.position].numpy(), atol=1e-4)
+    agree = (ref.argmax(-1) == hf_run(ln_dir, list(result.token_ids))["logprobs"].argmax(-1)).numpy()
+    np.testing.assert_array_equal(result.pairs[0].top1_agree, agree)
 
 
 def test_kl_of_a_model_with_itself_is_zero(ln_model):
@@ -78,7 +81,7 @@ def test_summary_statistics_equal_transformers(result, ln_dir, noln_dir):
             out = _hf(str(directory))(ids, labels=ids)
         refs.append(out.logits[0].double().log_softmax(-1))
         assert stats.mean_loss == pytest.approx(float(out.loss), abs=1e-5)  # HF's own mean cross-entropy
-        top = refs[-1].exp().topk(stats.top_probs.shape[1], dim=-1)
+        top = refs[-1][result.position].exp().topk(stats.top_probs.shape[0])
         np.testing.assert_allclose(stats.top_probs, top.values.numpy(), atol=1e-5)
     hf_loss = [-lp[:-1].gather(-1, ids[0, 1:, None])[:, 0].numpy() for lp in refs]
     pair = analysis.pairs[0]

@@ -173,19 +173,30 @@ def test_third_model_defaults_to_nothing_and_can_be_added(ln_dir, noln_dir):
 
 
 def test_switching_pages_reuses_the_run(app, monkeypatch):
-    """A cache hit does not call any model: switching pages and toggles reruns nothing."""
+    """A cache hit runs no model: once each page has been seen, switching pages and toggles calls no forward pass.
+
+    The Attention page runs each model up to the chosen layer once per head it shows (runs keep no full patterns);
+    that pattern is cached with the run too."""
     from noln_core.model import LoadedModel
 
-    app.switch_page("pages/views/overview.py").run()
+    for page in PAGES:
+        app.switch_page(page).run()
     calls = []
     original = LoadedModel.forward
-    monkeypatch.setattr(LoadedModel, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(LoadedModel, "forward", lambda self, *a, **k: calls.append(k.get("stop_at_layer")) or original(self, *a, **k))
     for page in PAGES:
         app.switch_page(page).run()
     app.switch_page("pages/views/residual_norms.py").run()
     app.toggle(key="w_norms_first").set_value(False).run()
     assert_clean(app)
     assert calls == []
+    app.switch_page("pages/views/attention.py").run()
+    app.number_input(key="w_attn_layer").set_value(2).run()
+    assert calls == [3, 3]  # one partial pass per model, up to the layer shown
+    app.switch_page("pages/views/overview.py").run()
+    app.switch_page("pages/views/attention.py").run()
+    assert calls == [3, 3] and app.number_input(key="w_attn_layer").value == 2
+    assert_clean(app)
 
 
 def test_manifest_describes_the_run(app, expected):
@@ -237,3 +248,115 @@ def test_a_link_with_tokens_runs_each_model_once(ln_dir, noln_dir, monkeypatch):
     at.run()
     assert_clean(at)
     assert len(calls) == 2
+
+
+def _count_forwards(monkeypatch) -> list:
+    from noln_core.model import LoadedModel
+
+    calls = []
+    original = LoadedModel.forward
+    monkeypatch.setattr(LoadedModel, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    return calls
+
+
+def test_editing_the_text_runs_each_model_once(ln_dir, noln_dir, monkeypatch):
+    """New text has no answer yet: the run picks it (model A's top prediction) and fills the pickers, in one pass."""
+    at = make_app(ln_dir, noln_dir)
+    at.run()
+    calls = _count_forwards(monkeypatch)
+    at.sidebar.text_area(key="w_text").set_value("An edited text that no other test runs").run()
+    assert_clean(at)
+    assert len(calls) == 2
+    result = at.session_state["_run"][1]
+    assert result.target.chosen_by_run and at.query_params["answer"] == result.target.answer
+    assert at.sidebar.selectbox(key="w_answer").value == result.target.answer
+    assert result.target.answer == result.runs[0].top_tokens[0]
+    at.run()  # the rerun with the chosen target finds the same run
+    assert len(calls) == 2
+
+
+def test_picking_another_answer_reruns_once_with_it(ln_dir, noln_dir, monkeypatch):
+    at = make_app(ln_dir, noln_dir, text="Picking answers from the pickers", answer=" the", counterfactual=" a")
+    at.run()
+    calls = _count_forwards(monkeypatch)
+    options = at.sidebar.selectbox(key="w_answer").options
+    other = next(o for o in options if o not in ("' the'", "' a'") and not o.startswith("Other"))
+    at.sidebar.selectbox(key="w_answer").set_value(eval(other)).run()  # options are shown as repr()
+    assert_clean(at)
+    assert len(calls) == 2 and at.session_state["_run"][1].target.answer == eval(other)
+    assert at.query_params["answer"] == eval(other)
+
+
+def test_page_widgets_are_in_the_link(ln_dir, noln_dir):
+    """The attribution layer, attention layer and head and the norms toggle come back from a link and go into it."""
+    at = make_app(ln_dir, noln_dir, attr_layer="1", attn_layer="2", attn_head="3", norms_first="0", page="attention")
+    at.run()
+    assert_clean(at)
+    assert at.number_input(key="w_attn_layer").value == 2 and at.number_input(key="w_attn_head").value == 3
+    at.number_input(key="w_attn_head").set_value(1).run()
+    assert at.query_params["attn_head"] == "1"
+    at.switch_page("pages/views/attribution.py").run()
+    assert at.slider(key="w_attr_layer").value == 1
+    at.slider(key="w_attr_layer").set_value(0).run()
+    assert at.query_params["attr_layer"] == "0"
+    at.switch_page("pages/views/residual_norms.py").run()
+    assert at.toggle(key="w_norms_first").value is False
+    at.toggle(key="w_norms_first").set_value(True).run()
+    assert at.query_params["norms_first"] == "1" and at.query_params["page"] == "residual-norms"
+    assert_clean(at)
+
+
+def test_a_link_to_a_layer_beyond_the_model_is_clamped(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir, attr_layer="40", attn_layer="99", page="attribution")
+    at.run()
+    assert_clean(at)
+    assert at.slider(key="w_attr_layer").value == 2  # the tiny models have 3 layers
+
+
+def test_the_same_model_twice_with_one_name_is_shown_apart(ln_dir, noln_dir):
+    """A and C the same model with LN: one display name, two columns, no clash on any page."""
+    at = make_app(ln_dir, noln_dir, model_c=str(ln_dir))
+    at.run()
+    for spec in PAGE_SPECS:
+        at.switch_page(spec.script).run()
+        assert_clean(at)
+    at.switch_page("pages/views/residual_norms.py").run()
+    shown = metrics(at)
+    assert {k for k in shown if k.startswith("Max first-token norm")} == {
+        f"Max first-token norm · {label}" for label in labels([ln_dir.name, noln_dir.name, ln_dir.name])}
+
+
+def test_three_models_name_each_pair_by_its_letters(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir, model_c=str(ln_dir))
+    at.run()
+    assert_clean(at)
+    agreements = sorted(k for k in metrics(at) if k.startswith("Top-1 agreement"))
+    assert agreements == ["Top-1 agreement · A vs B", "Top-1 agreement · A vs C", "Top-1 agreement · B vs C"]
+    legend = [t["name"] for t in json.loads(at.get("plotly_chart")[1].proto.spec)["data"]]
+    assert {"KL(A‖B)", "KL(C‖A)", "JS(B, C)"} <= set(legend) and not [n for n in legend if "[" in n]
+
+
+def test_attribution_caption_shows_the_analysis_method(ln_dir, noln_dir):
+    """In bfloat16 the LN-free model's error passes float32's tolerance; the caption still says how it was computed."""
+    at = make_app(ln_dir, noln_dir, dtype="bfloat16", page="attribution")
+    at.run()
+    assert_clean(at)
+    result = at.session_state["_run"][1]
+    methods = [d.method for d in direct_logit_attribution(result)]
+    captions = " ".join(c.value for c in at.caption)
+    assert all(md(m) in captions or m in captions for m in methods)
+    assert "Cached final-LN scale" not in captions
+
+
+def test_uploads_take_utf8_text_and_refuse_anything_else_with_the_text_kept(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir, text="my typed words")
+    at.run()
+    uploader = at.sidebar.get("file_uploader")[0]
+    uploader.set_value(("latin1.txt", "café".encode("latin-1"), "text/plain")).run()
+    assert not at.exception
+    assert any("'latin1.txt' is not UTF-8 text (byte 0xe9 at offset 3" in e.value.replace("\\", "") for e in at.error)
+    assert at.sidebar.text_area(key="w_text").value == "my typed words"
+    at.sidebar.get("file_uploader")[0].set_value(("ok.txt", "Uploaded text, ünïcode".encode(), "text/plain")).run()
+    assert_clean(at)
+    assert at.sidebar.text_area(key="w_text").value == "Uploaded text, ünïcode"
+    assert at.session_state["_run"][1].text == "Uploaded text, ünïcode"

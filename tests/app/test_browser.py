@@ -7,6 +7,7 @@ checks the figures rendered and no exception box appeared, and saves screenshots
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -34,8 +35,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(ln_dir, noln_dir):
+@contextlib.contextmanager
+def streamlit_server(ln_dir, noln_dir):
+    """A fresh Streamlit server on a free loopback port, stopped afterwards."""
     port = _free_port()
     env = {**os.environ, "NOLN_DEFAULT_MODELS": f"{ln_dir},{noln_dir}", "HF_HUB_OFFLINE": "1", "NOLN_HOSTED": "0"}
     proc = subprocess.Popen(
@@ -54,12 +56,20 @@ def server(ln_dir, noln_dir):
     else:
         proc.kill()
         pytest.fail("streamlit did not start: " + (proc.stdout.read() if proc.stdout else ""))
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(ln_dir, noln_dir):
+    with streamlit_server(ln_dir, noln_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +108,21 @@ def test_pages_render_in_a_real_browser(server, browser):
         assert page.locator(".js-plotly-plot").count() >= charts
         page.screenshot(path=str(SHOTS / f"{title.lower().replace(' ', '-')}.png"))
     assert "page=about" in page.url
+
+
+def test_a_fresh_servers_first_request_for_a_page_opens_that_page(browser, ln_dir, noln_dir):
+    """Streamlit's pre-navigation mode serves a fresh server's first request; it must still end on the full app."""
+    with streamlit_server(ln_dir, noln_dir) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        query = urlencode({"text": "The Eiffel Tower is located in the city of", "answer": " Paris",
+                           "counterfactual": " London", "attr_layer": "1"})
+        page.goto(f"{url}/attribution?{query}")
+        page.get_by_role("heading", name="Attribution: who wrote the logit difference?").wait_for(timeout=60_000)
+        _wait_for_charts(page, 4)
+        _assert_no_exception(page)
+        assert page.locator("[data-testid='stSidebarNav'] a").count() == len(PAGES)
+        assert page.locator("textarea").first.input_value() == "The Eiffel Tower is located in the city of"
+        assert "attr_layer=1" in page.url and "page=attribution" in page.url
 
 
 def test_a_shared_link_opens_the_same_view(server, browser, ln_dir, noln_dir):
@@ -166,3 +191,25 @@ def test_concurrent_browser_sessions_each_get_their_own_result(server, browser, 
     for c in contexts:
         c.close()
     assert report == {**report, "sessions": 6, "requests_served": 12, "errors": 0}
+
+
+def test_no_visitor_text_becomes_a_link(server, browser, tmp_path, ln_dir):
+    """A link's answer, a rejected model id quoted in a note, and a directory name in labels: shown, never clickable."""
+    import shutil
+
+    lookalike = tmp_path / "www.hf-login.example.org"
+    shutil.copytree(ln_dir, lookalike)
+    query = {"model_a": str(lookalike), "model_b": str(ln_dir), "model_c": "https://evil.example/x",
+             "text": "Hello there", "answer": " Your session expired: sign in again at www.hf-login.example.org/verify",
+             "counterfactual": " me@evil.example.org"}
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{server}/?{urlencode(query)}")
+    _wait_for_charts(page, 2)
+    page.wait_for_timeout(1000)
+    shown = " ".join(page.locator("[data-testid='stAlert']").all_inner_texts()).replace("\u2060", "")
+    assert "hf-login.example.org/verify" in shown and "evil.example/x" in shown  # the visitor's words are shown...
+    assert "www.hf-login.example.org" in page.locator("[data-testid='stMetric']").first.inner_text().replace("\u2060", "")
+    inert = ("[data-testid='stAlert'] a", "[data-testid='stCaptionContainer'] a", "[data-testid='stMetric'] a",
+             "[data-testid='stMarkdownContainer'] a[href*='example']")
+    for selector in inert:  # ...and none of them is a link
+        assert page.locator(selector).count() == 0, selector

@@ -132,3 +132,70 @@ def test_switching_a_model_between_runs_is_safe(ln_dir, noln_dir):
     after = at.session_state["_run"][1]
     assert [r.info.ln_free for r in after.runs] == [False, False]
     assert [r.info.ln_free for r in before.runs] == [False, True]  # an earlier result stays intact
+
+
+def test_the_run_cache_stays_within_its_byte_budget(ln_dir, noln_dir):
+    """Many distinct texts with every analysis kept: the cache's own accounting never passes its budget."""
+    from noln_core import ANALYSES, compare, load_model
+    from pages.shell.cache import RunCache
+
+    models = (load_model(str(ln_dir), device="cpu"), load_model(str(noln_dir), device="cpu"))
+    one = compare(list(models), "a first text to size the budget by", " the", " a")
+    cache = RunCache(budget=int(one.nbytes * 3.5))
+    for i in range(25):
+        result = compare(list(models), f"distinct text number {i} " + "word " * (i % 7), " the", " a")
+        entry = cache.put([("k", i)], result)
+        for fn in ANALYSES:
+            cache.add_analysis(entry, fn.__name__, fn(result))
+        assert cache.nbytes <= cache.budget
+    assert 1 <= len(cache) <= 4 and cache.get(("k", 24)) is not None and cache.get(("k", 0)) is None
+
+
+def test_the_app_keeps_runs_within_its_budget_on_the_attention_page(monkeypatch, ln_dir, noln_dir):
+    import pages.shell.cache as cache
+    import pages.shell.limits as limits
+
+    monkeypatch.setenv("NOLN_RUN_CACHE_MB", "1")
+    importlib.reload(limits)
+    cache.run_cache.clear()
+    try:
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.query_params.update({"model_a": str(ln_dir), "model_b": str(noln_dir), "page": "attention"})
+        at.run()
+        for i in range(8):
+            at.sidebar.text_area(key="w_text").set_value(f"text {i} " + "many words here " * (3 + i)).run()
+            assert not at.exception and not at.error
+            assert cache.run_cache().nbytes <= 1_000_000
+    finally:
+        monkeypatch.delenv("NOLN_RUN_CACHE_MB")
+        importlib.reload(limits)
+        cache.run_cache.clear()
+
+
+def test_a_third_model_that_cannot_fit_gets_a_message_not_an_oom(monkeypatch, ln_dir, noln_dir):
+    """With a model budget, the store sizes each model from its config and refuses what cannot fit, before loading."""
+    import pages.shell.cache as cache
+    import pages.shell.limits as limits
+    from noln_core.loading import estimate_bytes
+
+    size = estimate_bytes(str(ln_dir), device="cpu")
+    monkeypatch.setenv("NOLN_MODEL_MEMORY_MB", str(int(size * 1.5 / 1e6)))
+    importlib.reload(limits)
+    cache.model_store.clear()
+    try:
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.query_params.update({"model_a": str(ln_dir), "model_b": str(noln_dir), "text": "kept text"})
+        at.run()  # each tiny model fits alone: the second evicts the first before it loads
+        assert not at.exception and not at.error
+        assert cache.model_store().resident_bytes() <= size * 1.5
+        monkeypatch.setenv("NOLN_MODEL_MEMORY_MB", str(int(size * 0.5 / 1e6)))
+        importlib.reload(limits)
+        cache.model_store.clear()
+        at.sidebar.checkbox(key="w_add_c").check().run()
+        assert not at.exception
+        assert any("this server keeps for models" in e.value for e in at.error)
+        assert at.sidebar.text_area(key="w_text").value == "kept text"
+    finally:
+        monkeypatch.delenv("NOLN_MODEL_MEMORY_MB")
+        importlib.reload(limits)
+        cache.model_store.clear()

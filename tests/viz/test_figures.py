@@ -30,11 +30,36 @@ def test_no_raw_html_from_user_text_in_any_figure(result):
         figures.loss_strip(nt, result.tokens), figures.divergence_chart(nt, result.tokens),
         figures.norm_heatmaps(norms, result.tokens), figures.norm_ratio_heatmap(norms, result.tokens),
         figures.ln_scale_heatmap(norms[0], result.tokens), figures.head_source_heatmaps(dla, 2, result.tokens),
-        figures.attention_patterns(attention(result), 1, 2, result.tokens),
+        figures.attention_patterns([s.name for s in attention(result)],
+                                   [s.patterns[1, 2] for s in attention(result)], 1, 2, result.tokens),
     ]
     for fig in figs:
         text = fig.to_json()
         assert "<script>" not in text and "<img" not in text
+
+
+def test_quotes_in_labels_are_shown_as_typed(ln_model):
+    """Plotly shows ``&quot;`` literally: labels escape <, > and & only, so a quote stays a quote."""
+    result = compare(ln_model, 'He said "hi" & <b>left</b>', " the", " a")
+    fig = figures.loss_strip(next_token(result), result.tokens)
+    ticks = " ".join(fig.layout.xaxis.ticktext)
+    assert '"' in ticks and "&quot;" not in ticks and "&lt;" in ticks
+    assert figures.safe('a "b" <c>') == 'a "b" &lt;c&gt;'
+
+
+def test_head_patterns_computed_alone_equal_the_kept_ones(ln_model, noln_model):
+    """A pattern from a forward pass up to its layer equals the one a full run keeps."""
+    from noln_core.compare import head_pattern
+
+    result = compare([ln_model, noln_model], "The quick brown fox jumps over the lazy dog", " the", " a")
+    for model, run in zip((ln_model, noln_model), result.runs):
+        for layer, head in ((0, 0), (2, 3)):
+            np.testing.assert_allclose(head_pattern(model, result.token_ids, layer, head),
+                                       run.attn_patterns[layer, head], atol=1e-6)
+    lean = compare([ln_model, noln_model], "The quick brown fox jumps over the lazy dog", " the", " a",
+                   keep_patterns=False)
+    assert all(r.attn_patterns is None for r in lean.runs) and lean.nbytes < result.nbytes
+    np.testing.assert_allclose(lean.runs[1].attn_to_first, result.runs[1].attn_to_first, atol=1e-6)
 
 
 def test_head_heatmaps_use_one_symmetric_scale(result):
@@ -88,4 +113,6 @@ def test_tables_carry_the_numbers(result):
     top = tables.top_predictions_frame(result)
     assert len(top) == 20 and (top["prob"] <= 1).all()
     assert len(tables.tokens_frame(result)) == result.n_tokens
-    assert len(tables.pattern_frame(attention(result), 0, 0, result.tokens)) == 2 * result.n_tokens * (result.n_tokens + 1) // 2
+    summaries = attention(result)
+    frame = tables.pattern_frame([s.name for s in summaries], [s.patterns[0, 0] for s in summaries], 0, 0, result.tokens)
+    assert len(frame) == 2 * result.n_tokens * (result.n_tokens + 1) // 2
