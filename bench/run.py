@@ -284,12 +284,13 @@ HEADER = """# Benchmarks
 
 Written by `python -m bench.run` (CPU) from this repository; GPU tables come from
 `bench/gpu_check.sh` runs saved under `bench/results/`. Each ratio divides two numbers
-measured in the same run: our cost against its floor (two plain `transformers` forward
-passes for the analysis, one for the direct effects, `from_pretrained` for loading, plain
-batched forwards for corpus evaluation, imports plus weights for memory). Checkpoints are
-random-weight GPT-2 small and medium shapes built offline; model B carries the LN-free
-trick, as gpt2_noLN does. Times are medians over repeats (one repeat for medium at 1024
-tokens on the CPU); a 2-core machine is noisy, so read ratios, not seconds.
+measured in alternation in the same process (the floor, then ours, repeated; the ratio is the
+median of the per-round ratios, the times are medians): two plain `transformers` forward
+passes for the analysis, one for the direct effects, `transformers` "ready to run"
+(`from_pretrained` and one 16-token forward) for loading, plain batched forwards for corpus
+evaluation, imports plus weights for memory. Checkpoints are random-weight GPT-2 small and
+medium shapes built offline; model B carries the LN-free trick, as gpt2_noLN does. A 2-core
+machine is noisy, so read ratios, not seconds.
 
 """
 
@@ -302,6 +303,10 @@ def document(cpu_table: str) -> str:
     else:
         parts.append("No GPU was available to the session that wrote this file; `bench/gpu_check.sh` produces the "
                      "float32 and bfloat16 tables on CUDA with the same code.\n")
+    hosted = ROOT / "bench" / "hosted_memory.md"
+    if hosted.exists():
+        parts += ["\n## App server memory\n\nWritten by `python -m bench.hosted_memory --out bench/hosted_memory.md`.\n\n",
+                  hosted.read_text()]
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         parts += ["\n", notes.read_text()]

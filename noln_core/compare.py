@@ -49,8 +49,15 @@ DEVIATION_WARNING = 1e-3
 
 
 def frozen(x: torch.Tensor | np.ndarray, dtype: type = np.float32) -> np.ndarray:
-    """A read-only CPU copy, so results can be shared between threads and cached safely."""
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    """A read-only CPU array owning exactly its own memory, so results can be shared between threads, cached
+    safely and counted by their ``nbytes`` (a view would keep the whole tensor it came from alive)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.untyped_storage().nbytes() != x.numel() * x.element_size():
+            x = x.clone()
+        arr = x.cpu().numpy()
+    else:
+        arr = np.asarray(x)
     arr = np.ascontiguousarray(arr, dtype=dtype)
     arr.flags.writeable = False
     return arr

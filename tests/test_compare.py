@@ -144,3 +144,28 @@ def test_concurrent_runs_equal_sequential(ln_model, noln_model):
     for seq, con in zip(sequential, concurrent):
         for a, b in zip(seq, con):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_every_array_of_a_run_owns_exactly_its_memory(ln_model, noln_model):
+    """What a cache counts (``nbytes``) is what a run keeps alive: no array is a view into a larger tensor."""
+    import torch
+
+    from noln_core.compare import head_pattern
+
+    def arrays(obj):
+        if isinstance(obj, np.ndarray):
+            yield obj
+        elif isinstance(obj, (tuple, list)):
+            for v in obj:
+                yield from arrays(v)
+        elif hasattr(obj, "__dataclass_fields__"):
+            for name in obj.__dataclass_fields__:
+                yield from arrays(getattr(obj, name))
+
+    result = compare([ln_model, noln_model], PROMPTS[0], " Mary", " John")
+    found = list(arrays(result)) + [head_pattern(ln_model, result.token_ids, 1, 2)]
+    assert len(found) > 20
+    for arr in found:
+        base = arr.base
+        held = base.untyped_storage().nbytes() if isinstance(base, torch.Tensor) else (base.nbytes if base is not None else arr.nbytes)
+        assert held == arr.nbytes and not arr.flags.writeable

@@ -177,30 +177,29 @@ def run(models: tuple[LoadedModel, ...], text: str, answer: str | None, counterf
     return key, entry.result
 
 
+def _kept_with_run(key: RunKey, result: RunResult, name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per run: kept in the run's cache entry (and counted in its bytes) while the run is."""
+    cache = run_cache()
+    entry = cache.get(key)
+    if entry is not None and name in entry.analyses:
+        return entry.analyses[name]
+    value = compute()
+    if entry is not None and entry.result is result:
+        cache.add_analysis(entry, name, value)
+    return value
+
+
 def head_patterns(models: tuple[LoadedModel, ...], key: RunKey, result: RunResult, layer: int,
                   head: int) -> list[np.ndarray]:
     """One head's pattern in every model, computed when first shown and kept with the run (runs keep no patterns:
     every head of every layer is ``L x H x n x n`` floats, of which a page shows one head)."""
-    cache = run_cache()
-    entry = cache.get(key)
-    name = f"pattern:{layer}:{head}"
-    if entry is not None and name in entry.analyses:
-        return entry.analyses[name]
-    with st.spinner(f"Attention pattern of L{layer}H{head}…"):
-        value = [head_pattern(m, result.token_ids, layer, head) for m in models]
-    if entry is not None and entry.result is result:
-        cache.add_analysis(entry, name, value)
-    return value
+    def compute() -> list[np.ndarray]:
+        with st.spinner(f"Attention pattern of L{layer}H{head}…"):
+            return [head_pattern(m, result.token_ids, layer, head) for m in models]
+
+    return _kept_with_run(key, result, f"pattern:{layer}:{head}", compute)
 
 
 def analysis(fn: Callable[[RunResult], Any], key: RunKey, result: RunResult) -> Any:
     """``fn(result)`` (an analysis of :mod:`noln_core.analyses`), computed once per run and kept with it."""
-    cache = run_cache()
-    entry = cache.get(key)
-    name = f"{fn.__module__}.{fn.__qualname__}"
-    if entry is not None and name in entry.analyses:
-        return entry.analyses[name]
-    value = fn(result)
-    if entry is not None and entry.result is result:
-        cache.add_analysis(entry, name, value)
-    return value
+    return _kept_with_run(key, result, f"{fn.__module__}.{fn.__qualname__}", lambda: fn(result))

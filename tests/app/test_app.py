@@ -360,3 +360,24 @@ def test_uploads_take_utf8_text_and_refuse_anything_else_with_the_text_kept(ln_d
     assert_clean(at)
     assert at.sidebar.text_area(key="w_text").value == "Uploaded text, ünïcode"
     assert at.session_state["_run"][1].text == "Uploaded text, ünïcode"
+
+
+@pytest.mark.parametrize("change", [{"n_layer": 0}, {"n_head": 0}, {"layer_norm_epsilon": "abc"}, {"n_layer": 10**9}])
+def test_degenerate_configs_give_an_error_box_and_keep_the_text(ln_dir, tmp_path, change):
+    import shutil
+
+    from checkpoints import write_config
+
+    target = tmp_path / "broken"
+    shutil.copytree(ln_dir, target)
+    write_config(target, **change)
+    at = make_app(ln_dir, target, text="my precious words")
+    at.run()
+    assert not at.exception
+    assert any("config.json" in e.value.replace("\\", "") and "unexpected" not in e.value for e in at.error)
+    assert at.sidebar.text_area(key="w_text").value == "my precious words"
+
+
+def test_token_pickers_offer_to_type_a_token(app):
+    options = app.sidebar.selectbox(key="w_answer").options
+    assert options[-1] == "Other (type a token)…" and not [o for o in options if "repo id" in o]
