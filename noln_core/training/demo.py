@@ -10,7 +10,7 @@
    the ~10k tokens the Bible uses get trained embedding rows; the others are
    zero, which gives them a logit of exactly 0, so the loss is the exact
    full-vocabulary loss at a fifth of the cost (see ``TrainableGPT2``);
-4. its LN-free fine-tune with :func:`noln_core.removal.remove_layernorm`;
+4. its LN-free fine-tune with :func:`noln_core.training.removal.remove_layernorm`;
 5. each model's card (``README.md``) with both held-out losses, measured on the
    shipped files through :func:`noln_core.load_model`, and sample text.
 
@@ -126,7 +126,7 @@ def _card(name: str, kind: str, metrics: dict, samples: dict[str, str], schedule
         f"{metrics['base_lr']}, cosine decay, seed {metrics['seed']}.",
         f"* LayerNorm removal: {metrics['removal_steps']} further steps with the papers' schedule (fake LNs with frozen "
         "standard deviations, removed ln_2 → ln_1 Q/K → ln_1 V → ln_f, position 0 and EOT on their own σ until late, "
-        "an auxiliary loss on the final σ) — see `noln_core/removal.py`.",
+        "an auxiliary loss on the final σ) — see `noln_core/training/removal.py`.",
     ]
     if schedule:
         lines.append(f"* Schedule: `{json.dumps(schedule)}`.")
