@@ -47,6 +47,16 @@ At ``eps = 1e6`` a LayerNorm divides by ``sqrt(var + 1e6) >= 1000``, far above
 any residual-stream standard deviation of a working GPT-2, so such a checkpoint
 cannot be using its LayerNorms to normalise."""
 
+DEVIATION_WARNING = 1e-3
+"""A stored LN-free checkpoint deviating from the exact LN-free model by more than this is flagged."""
+
+
+def trick_deviation(max_var: float, eps: float) -> float:
+    """How far the stored checkpoint (its LayerNorms run with ``eps``) is from the exact LN-free model, relatively,
+    for LN inputs of variance up to ``max_var``: ``1 - 1/sqrt(1 + var/eps)``."""
+    return float(1.0 - (1.0 + max_var / eps) ** -0.5)
+
+
 LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 65_536, "vocab_size": 1_000_000, "n_positions": 1_048_576}
 """Upper bounds on config fields: far above any GPT-2 (XL: 48 layers, 25 heads, 1600 wide, 1024 positions)."""
 

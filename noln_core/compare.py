@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .checkpoint import DEVIATION_WARNING, trick_deviation
 from .divergence import distribution_stats, pair_divergences
 from .errors import InputError, TokenizerMismatchError
 from .model import LoadedModel, ModelInfo
@@ -44,8 +45,6 @@ def vocab_chunk(n: int) -> int:
     return 64 if n <= 256 else 512
 MAX_PATTERN_ELEMENTS = 16_000_000
 """Full attention patterns (layers x heads x n x n floats) are kept up to this size (64 MB)."""
-DEVIATION_WARNING = 1e-3
-"""A run warns when the stored eps-1e12 checkpoint would deviate from the exact LN-free model by more than this."""
 
 
 def frozen(x: torch.Tensor | np.ndarray, dtype: type = np.float32) -> np.ndarray:
@@ -478,7 +477,7 @@ def _model_run(model: LoadedModel, cap: Capture, vocab: _VocabStats, target: Tar
         ln_final_scale=frozen(cap.final_scale) if ln else None,  # type: ignore[arg-type]
         attn_to_first=frozen(cap.stack("hook_attn_to_first")),
         attn_patterns=frozen(cap.stack("hook_pattern")) if keep_patterns else None,
-        hf_deviation=float(1.0 - (1.0 + cap.max_var / model.info.eps) ** -0.5) if model.ln_free else None,
+        hf_deviation=trick_deviation(cap.max_var, model.info.eps) if model.ln_free else None,
         attribution=_attribution(model, cap, target, vocab.position_logprobs) if target else None,
     )
 

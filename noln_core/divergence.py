@@ -39,11 +39,6 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("rv,rv->r", a, b)
 
 
-def neg_entropy_terms(probs: torch.Tensor) -> torch.Tensor:
-    """``sum p log p`` per row (``-`` the entropy), with ``0 log 0 = 0``."""
-    return torch.special.xlogy(probs, probs).sum(-1)
-
-
 def distribution_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(lse, probs, entropy, argmax)`` of rows of logits, in as few passes over the vocabulary as we know.
 

@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, check_fits, check_tensors, layer_norm_ratios, read_config
+from .checkpoint import (
+    DEVIATION_WARNING, Checkpoint, check_fits, check_tensors, layer_norm_ratios, read_config, trick_deviation,
+)
 from .errors import CorruptCheckpointError, ModelLoadError, OfflineError, UnknownModelError
 from .model import DTYPES, GPT2Weights, LoadedModel, ModelInfo, fold_checkpoint
 from .paths import DEMO_DIR
 from .registry import DEMO_PREFIX, REGISTRY, canonical_repo, lookup, parse_spec
 from .tokenizer import load_tokenizer
 
-DEVIATION_WARNING = 1e-3
-"""A stored LN-free checkpoint whose eps-LayerNorms deviate from the exact model by more than this is flagged."""
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 TOKENIZER_PATTERNS = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
@@ -307,4 +307,4 @@ def stored_trick_deviation(model: LoadedModel, text: str = PROBE_TEXT) -> float:
     model.forward(torch.tensor([ids[: model.info.n_ctx]]), observer=lambda _, x: seen.append(
         float(x.float().var(-1, unbiased=False).max())), wants=set(names).__contains__, return_logits=False)
     max_var = max(seen)
-    return float(1.0 - (1.0 + max_var / model.info.eps) ** -0.5)
+    return trick_deviation(max_var, model.info.eps)
