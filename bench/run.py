@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {"small": dict(n_embd=768, n_layer=12, n_head=12), "medium": dict(n_embd=1024, n_layer=24, n_head=16)}
 LENGTHS = (16, 128, 512, 1024)
 TARGETS = {"analysis_128": 1.3, "analysis_1024": 1.5, "direct_effect": 0.25, "cache_hit_ms": 50.0, "load_ready": 1.0,
-           "peak_gb": 1.4, "corpus": 0.9}
+           "peak_gb": 1.4}
 CREEP_RUNS = 200
 
 
@@ -175,7 +175,7 @@ def cache_hit_ms(models, text: str) -> float:
 def run(args) -> tuple[str, dict]:
     from transformers import GPT2LMHeadModel
 
-    from noln_core import corpus_loss, head_direct_effects, load_model, tokenize
+    from noln_core import head_direct_effects, load_model, tokenize
 
     device, dtype = args.device, args.dtype
     torch_dtype = getattr(torch, dtype)
@@ -225,25 +225,7 @@ def run(args) -> tuple[str, dict]:
                     ms = cache_hit_ms(models, text)
                     rows.append((size, "cache hit in the app (page switch, same text)", f"{ms:.2f} ms", "target 50 ms",
                                  ms / TARGETS["cache_hit_ms"], 1.0, "≤"))
-        # Corpus evaluation throughput against plain batched HF forwards on the same chunks.
-        chunk, batch, n_chunks = (512, 4, 4) if device == "cpu" else (1024, 8, 32)
-        rng = np.random.default_rng(0)
-        tokens = rng.integers(0, 50256, size=n_chunks * (chunk - 1))
-        rows_t = torch.tensor(np.concatenate([np.full((n_chunks, 1), 50256), tokens.reshape(n_chunks, chunk - 1)], 1),
-                              device=device)
-
-        def hf_eval():
-            with torch.no_grad():
-                for start in range(0, n_chunks, batch):
-                    x = rows_t[start:start + batch]
-                    lp = hf[1](x).logits[:, :-1].float().log_softmax(-1)
-                    lp.gather(-1, x[:, 1:, None]).mean().item()
-
-        t_eval, t_hf_eval, ratio = interleaved(lambda: corpus_loss(models[1], tokens, chunk=chunk, batch=batch), hf_eval,
-                                               1 if device == "cpu" else 3, device)
-        n_tok = n_chunks * (chunk - 1)
-        rows.append((size, f"corpus evaluation, {n_chunks}×{chunk} tokens", f"{n_tok / t_eval:,.0f} tok/s",
-                     f"HF batched {n_tok / t_hf_eval:,.0f} tok/s", 1 / ratio, TARGETS["corpus"], "≥"))
+        # Corpus throughput and memory: python -m bench.study.
         del models, hf
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

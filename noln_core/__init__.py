@@ -27,15 +27,14 @@ from .loading import load_model
 from .model import LoadedModel, ModelInfo
 from .registry import DEFAULT_PAIR, DEMO_PAIR, REGISTRY, KnownModel, default_pair, list_revisions, parse_spec
 from .tokenizer import tokenize
-from .training.evaluate import CorpusLoss, corpus_loss
 
 
 __all__ = [
-    "ANALYSES", "AttentionSummary", "CorpusLoss", "CorruptCheckpointError", "DEFAULT_PAIR", "DEMO_PAIR",
+    "ANALYSES", "AttentionSummary", "CorruptCheckpointError", "DEFAULT_PAIR", "DEMO_PAIR",
     "DirectLogitAttribution", "HeadDirectEffect", "InputError", "KnownModel", "LoadedModel", "LogitDiffAnalysis",
     "ModelInfo", "ModelLoadError", "ModelRun", "NextTokenAnalysis", "NolnError", "NotGPT2Error", "OfflineError",
     "REGISTRY", "ResidualNorms", "RunResult", "Target", "TokenizerMismatchError", "UnknownModelError",
-    "UnsafeCheckpointError", "attention", "compare", "corpus_loss", "default_pair", "direct_logit_attribution",
+    "UnsafeCheckpointError", "attention", "compare", "default_pair", "direct_logit_attribution",
     "head_direct_effects", "list_revisions", "load_model", "logit_difference", "next_token", "parse_spec",
     "residual_norms", "tokenize",
 ]

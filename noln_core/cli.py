@@ -24,6 +24,7 @@ from .compare import RunResult, compare
 from .errors import InputError, NolnError
 from .loading import load_model
 from .model import DTYPES
+from .study.measure import METRICS, NMAE_TARGETS
 from .registry import DEFAULT_PAIR, DEMO_PAIR, REGISTRY, default_pair, parse_spec
 from .tokenizer import decode_utf8
 
@@ -187,15 +188,43 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--aux-lambda", type=float, default=0.1, help="weight of the auxiliary loss on the final sigma")
     rm.add_argument("--seed", type=int, default=0)
     rm.add_argument("--checkpoint-every", type=int, default=50)
-    ev = sub.add_parser("evaluate", help="mean next-token loss of models on a text file, in fixed-length chunks",
-                        description="Mean cross-entropy over chunks of --chunk tokens (default: the context window), "
-                                    "BOS first, as the papers evaluate. Prints one JSON document.")
-    ev.add_argument("--model", action="append", required=True, metavar="SRC[@REV]")
-    ev.add_argument("--data", required=True, metavar="FILE", help="plain-text file (UTF-8)")
-    ev.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: the context window)")
-    ev.add_argument("--batch", type=int, default=8)
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    st = sub.add_parser(
+        "study", help="the papers' corpus metrics for several models, with 95%% intervals (accelerate-ready)",
+        description="One pass over a corpus computes, per model: mean CE with a 95%% interval over sequences, the "
+                    "per-token median, loss by position, entropy, calibration, DLA-vs-direct-effect NMAE, the "
+                    "first token's residual norm, attention-sink rates and exploding tokens; per pair: KL both "
+                    "ways, JS, top-1 agreement and where the losses part. Run it under `accelerate launch -m "
+                    "noln_core study ...` to shard the sequences over processes. Rerunning resumes.")
+    st.add_argument("--model", action="append", required=True, metavar="SRC[@REV]",
+                    help="a model (repeat: 1 to about 12); the first is the reference of --pairs first")
+    st.add_argument("--data", required=True, metavar="PATH_OR_DATASET",
+                    help="a .txt file (one document), a directory (a document per file), a .jsonl file, 'demo' "
+                         "(the bundled held-out sample), or a Hugging Face dataset name[:config]")
+    st.add_argument("--field", default=None, help="JSONL field or dataset column (default text; input_ids if present)")
+    st.add_argument("--split", default="train", help="dataset split (default train)")
+    st.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024, or the context)")
+    st.add_argument("--max-tokens", type=int, default=None, help="budget: analyse at most this many tokens")
+    st.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default 8)")
+    st.add_argument("--positions", type=int, default=16, metavar="K",
+                    help="loss by position: the first K positions one by one, then doubling ranges (default 16)")
+    st.add_argument("--bos", action="store_true",
+                    help="prepend <|endoftext|> to every sequence (the papers do not; see the README)")
+    st.add_argument("--metrics", default="all",
+                    help="comma list of " + ",".join(METRICS) + " (default all; ce is always measured)")
+    st.add_argument("--nmae-target", default="last-token", choices=list(NMAE_TARGETS),
+                    help="last-token: the papers' definition (default); logit-diff: this app's")
+    st.add_argument("--pairs", default="all", choices=["all", "first"], help="compare all pairs, or each with the first")
+    st.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for ECE and NMAE intervals")
+    st.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    st.add_argument("--explode-loss", type=float, default=20.0, help="loss (nats) that marks an exploding token")
+    st.add_argument("--explode-norm", type=float, default=5.0,
+                    help="multiple of the sequence's median last-layer norm that marks an exploding token")
+    st.add_argument("--out", default=None, metavar="DIR", help="write study.json, study.csv and study.md here")
+    st.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
+    st.add_argument("--state-dir", default=None, help="where resumable state is kept (default ~/.cache/noln-explorer/studies)")
+    st.add_argument("--restart", action="store_true", help="discard saved state and start over")
+    st.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (accelerate chooses when it launches)")
+    st.add_argument("--dtype", default="float32", choices=list(DTYPES))
     demo = sub.add_parser("make-demo", help="rebuild the offline demo pair (GPT-2 on the King James Bible, and its LN-free fine-tune)",
                           description="Seeded rebuild of noln_core/data/demo (needs Debian's bible-kjv for the text).")
     demo.add_argument("--out", default=None, help="output directory (default: the shipped noln_core/data/demo)")
@@ -243,29 +272,62 @@ def _run_remove_ln(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
+def _run_study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .tokenizer import tokenize
-    from .training.evaluate import corpus_loss
+    from .study import Settings, parse_corpus, run_study
+    from .study.engine import accelerate_device, accelerate_world
+    from .study.report import markdown, write_outputs
+    from .study.results import to_json
 
-    data = Path(os.path.expanduser(args.data))
-    if not data.is_file():
-        raise InputError(f"--data {args.data!r} is not a file: give a plain-text file")
-    text = decode_utf8(data.read_bytes(), f"--data {args.data!r}")
-    results = []
+    metrics = tuple(METRICS) if args.metrics == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise InputError(f"unknown metric {unknown[0]!r}: choose from {', '.join(METRICS)}")
+    for flag, value, least in (("--batch", args.batch, 1), ("--positions", args.positions, 1),
+                               ("--bootstrap", args.bootstrap, 0)):
+        if value < least:
+            raise InputError(f"{flag} {value} must be at least {least}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise InputError(f"--max-tokens {args.max_tokens} must be positive")
+    corpus = parse_corpus(args.data, args.field, args.split)
+    world = accelerate_world()
+    device = accelerate_device() if world.processes > 1 else args.device
+    models = []
     for spec in args.model:
         source, revision = (spec, None) if os.path.exists(os.path.expanduser(spec)) else parse_spec(spec)
-        model = load_model(source, revision, device=args.device, dtype=args.dtype, name=spec)
-        tokens = np.array(tokenize(model, text, prepend_bos=False), dtype=np.int64)
-        try:
-            loss = corpus_loss(model, tokens, chunk=args.chunk, batch=args.batch)
-        except ValueError as err:
-            raise InputError(f"--data is too short: {err}") from err
-        results.append({"model": spec, "ln_free": model.ln_free, "mean_loss": loss.mean_loss,
-                        "median_chunk_loss": loss.median_chunk_loss, "chunks": len(loss.chunk_losses),
-                        "tokens": loss.tokens})
-    print(json.dumps({"data": str(data), "results": results}))
+        models.append(load_model(source, revision, device=device, dtype=args.dtype, name=spec))
+    settings = Settings(metrics=tuple(sorted(set(metrics) | {"ce"}, key=METRICS.index)), nmae_target=args.nmae_target,
+                        explode_loss=args.explode_loss, explode_norm=args.explode_norm, bootstrap=args.bootstrap,
+                        seed=args.seed, pairs=args.pairs)
+    bar = None
+
+    def progress(p) -> None:
+        nonlocal bar
+        if world.rank != 0:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            desc = "study" if world.processes == 1 else f"study (rank 0 of {world.processes})"
+            bar = tqdm(total=p.total, initial=p.resumed_from, desc=desc, unit="seq", file=sys.stderr)
+        bar.update(p.done - bar.n)
+
+    result = run_study(models, corpus, seq_len=args.seq_len, batch=args.batch, max_tokens=args.max_tokens,
+                       bos=args.bos, settings=settings, world=world,
+                       state_dir=Path(os.path.expanduser(args.state_dir)) if args.state_dir else None,
+                       restart=args.restart, progress=progress, log=lambda m: print(m, file=sys.stderr))
+    if bar is not None:
+        bar.close()
+    if result is None:  # not rank 0
+        return 0
+    doc = (write_outputs(result, Path(os.path.expanduser(args.out)), positions=args.positions) if args.out
+           else to_json(result, positions=args.positions))
+    print(json.dumps(doc, ensure_ascii=False) if args.json else markdown(doc))
+    if not result.complete:
+        print(f"error: stopped after {result.n_sequences} sequences; what was done is saved: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -311,8 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_remove_ln(args)
         if args.command == "make-demo":
             return _run_make_demo(args)
-        if args.command == "evaluate":
-            return _run_evaluate(args)
+        if args.command == "study":
+            return _run_study(args)
         return _run_compare(args)
     except NolnError as err:
         print(f"error: {err}", file=sys.stderr)

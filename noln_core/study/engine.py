@@ -1,0 +1,267 @@
+"""Run a study: the corpus's sequences through every model, one pass, reduced as it goes, resumable.
+
+The same function runs on one CPU, one GPU, or data-parallel under
+``accelerate launch`` (over GPUs or nodes; ``--cpu`` with gloo): batch ``i``
+goes to process ``i mod P``, each process adds its sequences to its own exact
+totals (:class:`~.stats.Totals`), and process 0 merges them.  Because the
+totals are exact integer sums and each batch holds the same sequences whatever
+``P``, the result is the one-process result.
+
+State lives in a directory named by a hash of everything that decides the
+numbers (models, corpus, sequence length, BOS, budget, batch, settings): the
+chunked corpus (``chunks.u32``), and one file per process and shard
+(``shard-R-of-P.pt``) saved every ``save_every`` seconds and when stopped.
+Running the same study again resumes each shard where it stopped; a finished
+study is answered from its saved totals without a forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import InputError, TokenizerMismatchError
+from ..model import LoadedModel
+from .corpus import Chunks, Corpus, prepare_chunks
+from .measure import Settings, measure_batch
+from .results import StudyResult, build_result
+from .stats import Totals
+
+FORMAT = 1
+"""Version of the saved state; a change discards old state."""
+PROBE = "Tokenizers agree on this: naïve café, 1234, \t tabs and ünïcödé — done."
+
+
+def cache_root() -> Path:
+    """Where studies keep their state: ``$NOLN_STUDY_CACHE``, else ``~/.cache/noln-explorer/studies``."""
+    return Path(os.environ.get("NOLN_STUDY_CACHE") or Path.home() / ".cache" / "noln-explorer" / "studies")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a study is: sequences done of the total (this process's share under ``accelerate``)."""
+
+    done: int
+    total: int
+    elapsed_s: float
+    resumed_from: int
+
+    @property
+    def eta_s(self) -> float | None:
+        fresh = self.done - self.resumed_from
+        if fresh <= 0 or self.done >= self.total:
+            return None if self.done < self.total else 0.0
+        return self.elapsed_s / fresh * (self.total - self.done)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    processes: int = 1
+    gather: Callable[[object], list | None] | None = None
+    """Sends an object to rank 0: the list of every rank's object there, None elsewhere."""
+
+
+def check_tokenizers(models: list[LoadedModel]) -> None:
+    """Refuse models whose tokenizers disagree: a study compares them on the same token ids."""
+    ref = models[0]
+    ref_ids = ref.tokenizer.encode(PROBE, add_special_tokens=False).ids
+    for other in models[1:]:
+        same = (other.info.d_vocab == ref.info.d_vocab and other.info.bos_token_id == ref.info.bos_token_id
+                and other.tokenizer.encode(PROBE, add_special_tokens=False).ids == ref_ids)
+        if not same:
+            raise TokenizerMismatchError(f"{other.info.name} and {ref.info.name} use different tokenizers: "
+                                         "a study compares models on the same token ids")
+
+
+def _model_identity(model: LoadedModel) -> dict:
+    info = model.info
+    ident = {"name": info.name, "source": info.source, "revision": info.revision, "commit": info.commit,
+             "dtype": info.dtype}
+    path = Path(info.source)
+    if path.is_dir():
+        ident["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+    return ident
+
+
+def study_key(models: list[LoadedModel], corpus: Corpus, seq_len: int, bos: bool, max_tokens: int | None,
+              batch: int, settings: Settings) -> str:
+    """A hash of everything that decides a study's numbers."""
+    doc = {"format": FORMAT, "models": [_model_identity(m) for m in models], "corpus": corpus.identity(),
+           "seq_len": seq_len, "bos": bos, "max_tokens": max_tokens, "batch": batch,
+           "settings": {k: v for k, v in asdict(settings).items() if k != "row_bytes"}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def default_seq_len(models: list[LoadedModel]) -> int:
+    """The papers' 1024 tokens, or the shortest context of the models when that is smaller."""
+    return min([1024] + [m.info.n_ctx for m in models])
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _to_torch(obj):
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {k: _to_torch(v) for k, v in obj.items()}
+    return obj
+
+
+def _to_numpy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    return obj
+
+
+def run_study(
+    models: list[LoadedModel],
+    corpus: Corpus,
+    *,
+    seq_len: int | None = None,
+    batch: int = 8,
+    max_tokens: int | None = None,
+    bos: bool = False,
+    settings: Settings = Settings(),
+    world: World = World(),
+    state_dir: Path | None = None,
+    restart: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    save_every: float = 60.0,
+    log: Callable[[str], None] | None = None,
+) -> StudyResult | None:
+    """Run (or resume) a study; the result on rank 0, None on the other ranks.
+
+    ``cancel()`` is asked between batches; when it says yes, or on Ctrl-C, the
+    shard's state is saved and the result so far is returned with
+    ``complete=False`` (one process; under ``accelerate`` each rank saves, and
+    Ctrl-C propagates).
+    """
+    if not models:
+        raise InputError("a study needs at least one model")
+    if batch < 1:
+        raise InputError(f"--batch {batch} must be at least 1")
+    check_tokenizers(models)
+    if settings.nmae_target not in ("last-token", "logit-diff"):
+        raise InputError(f"unknown NMAE target {settings.nmae_target!r}: last-token (the papers') or logit-diff")
+    seq_len = seq_len or default_seq_len(models)
+    too_long = [m.info.name for m in models if m.info.n_ctx < seq_len]
+    if too_long:
+        raise InputError(f"--seq-len {seq_len} exceeds the context of {', '.join(too_long)}")
+    if seq_len < 3:
+        raise InputError(f"--seq-len {seq_len} is too short: a study needs at least 3 tokens per sequence")
+    key = study_key(models, corpus, seq_len, bos, max_tokens, batch, settings)
+    directory = (state_dir or cache_root()) / key
+    ref = models[0]
+    error = None
+    if world.rank == 0:
+        if restart and directory.exists():
+            for p in directory.glob("*"):
+                p.unlink()
+        try:
+            chunks = prepare_chunks(corpus, ref.tokenizer, directory, seq_len, bos=bos, max_tokens=max_tokens,
+                                    eot_id=ref.info.bos_token_id, d_vocab=ref.info.d_vocab)
+        except InputError as err:
+            if world.gather is None:
+                raise
+            error = str(err)
+    if world.gather is not None:  # the others wait for rank 0's chunks, or its error
+        from torch import distributed as dist
+
+        message = [error]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None:
+            raise InputError(message[0])
+    if world.rank != 0:
+        chunks = Chunks.load(directory / "chunks.json")
+    tokens = chunks.tokens()
+    n_batches = -(-chunks.n // batch)
+    mine = list(range(world.rank, n_batches, world.processes))
+    my_total = sum(min(batch, chunks.n - i * batch) for i in mine)
+    shard = directory / f"shard-{world.rank}-of-{world.processes}.pt"
+    totals, position = Totals(), 0
+    if shard.exists():
+        state = torch.load(shard, weights_only=True)
+        totals, position = Totals.from_state(_to_numpy(state["totals"])), int(state["position"])
+    done = sum(min(batch, chunks.n - i * batch) for i in mine[:position])
+    resumed = done
+    if log and resumed:
+        log(f"resuming: {done} of {my_total} sequences already done")
+    start = last_save = time.monotonic()
+    stopped = interrupted = False
+
+    def save() -> None:
+        _save(shard, {"totals": _to_torch(totals.to_state()), "position": position, "key": key})
+
+    try:
+        while position < len(mine):
+            if cancel is not None and cancel():
+                stopped = True
+                break
+            b = mine[position]
+            ids = torch.from_numpy(np.asarray(tokens[b * batch:(b + 1) * batch], dtype=np.int64))
+            measure_batch(models, ids, b * batch, settings, totals)
+            position += 1
+            done += len(ids)
+            if progress is not None:
+                progress(Progress(done, my_total, time.monotonic() - start, resumed))
+            if time.monotonic() - last_save > save_every:
+                save()
+                last_save = time.monotonic()
+    except KeyboardInterrupt:  # Ctrl-C: keep what is done, and say so (the result is marked incomplete)
+        stopped = interrupted = True
+    save()
+    if stopped and world.processes > 1:
+        if interrupted:
+            raise KeyboardInterrupt
+        return None
+    if world.gather is not None:
+        parts = world.gather(totals.to_state())
+        if world.rank != 0:
+            return None
+        totals = Totals()
+        for part in parts or []:
+            totals.merge(Totals.from_state(part))
+    return build_result(totals, models, settings, seq_len=seq_len, bos=bos, processes=world.processes,
+                        corpus=corpus.describe(), tokens=tokens, complete=not stopped)
+
+
+def accelerate_world() -> World:
+    """This process's :class:`World` under ``accelerate launch`` (or ``torchrun``); one process otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return World()
+    from accelerate import PartialState
+    from torch import distributed as dist
+
+    state = PartialState()
+
+    def gather(obj):
+        out = [None] * state.num_processes if state.is_main_process else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    return World(state.process_index, state.num_processes, gather)
+
+
+def accelerate_device() -> str:
+    """The device ``accelerate`` gives this process (``cpu`` with ``--cpu``)."""
+    from accelerate import PartialState
+
+    return str(PartialState().device)
