@@ -276,7 +276,7 @@ def _run_study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .study import Settings, parse_corpus, run_study
-    from .study.engine import accelerate_device, accelerate_world
+    from .study.engine import accelerate_world
     from .study.report import markdown, write_outputs
     from .study.results import to_json
 
@@ -291,8 +291,7 @@ def _run_study(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 1:
         raise InputError(f"--max-tokens {args.max_tokens} must be positive")
     corpus = parse_corpus(args.data, args.field, args.split)
-    world = accelerate_world()
-    device = accelerate_device() if world.processes > 1 else args.device
+    world, device = accelerate_world(args.device)
     models = []
     for spec in args.model:
         source, revision = (spec, None) if os.path.exists(os.path.expanduser(spec)) else parse_spec(spec)

@@ -243,25 +243,28 @@ def run_study(
                         corpus=corpus.describe(), tokens=tokens, complete=not stopped)
 
 
-def accelerate_world() -> World:
-    """This process's :class:`World` under ``accelerate launch`` (or ``torchrun``); one process otherwise."""
+def _use_cpu(device: str) -> bool:
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return device == "cpu" or flag or not torch.cuda.is_available()
+
+
+def accelerate_world(device: str = "auto") -> tuple[World, str]:
+    """This process's :class:`World` and device under ``accelerate launch`` (or ``torchrun``).
+
+    One process (rank 0 of 1, on ``device``) unless the launcher started several
+    (``WORLD_SIZE`` > 1).  Without CUDA, or with ``device="cpu"``, the processes
+    talk over gloo on the CPU.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return World()
+        return World(), ("cpu" if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") else device)
     from accelerate import PartialState
     from torch import distributed as dist
 
-    state = PartialState()
+    state = PartialState(cpu=_use_cpu(device))
 
     def gather(obj):
         out = [None] * state.num_processes if state.is_main_process else None
         dist.gather_object(obj, out, dst=0)
         return out
 
-    return World(state.process_index, state.num_processes, gather)
-
-
-def accelerate_device() -> str:
-    """The device ``accelerate`` gives this process (``cpu`` with ``--cpu``)."""
-    from accelerate import PartialState
-
-    return str(PartialState().device)
+    return World(state.process_index, state.num_processes, gather), str(state.device)
