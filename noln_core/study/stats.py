@@ -30,7 +30,8 @@ def quantise(values: np.ndarray, bits: int) -> np.ndarray:
     """``values`` (float64) rounded onto the ``2**-bits`` grid, as int64 grid counts."""
     scaled = np.asarray(values, dtype=np.float64) * 2.0**bits
     if not np.all(np.isfinite(scaled)) or np.any(np.abs(scaled) >= _LIMIT):
-        raise OverflowError(f"a value out of the study's range ({float(np.nanmax(np.abs(values))):.3g})")
+        bad = np.asarray(values, np.float64).ravel()[~(np.isfinite(scaled.ravel()) & (np.abs(scaled.ravel()) < _LIMIT))]
+        raise OverflowError(f"a value out of the study's range ({bad[0]:.3g})")
     return np.rint(scaled).astype(np.int64)
 
 
@@ -178,12 +179,17 @@ def ece(counts: np.ndarray, conf_sums: np.ndarray, acc_sums: np.ndarray) -> floa
 
 
 def median_from_histogram(counts: np.ndarray, width: float) -> float:
-    """The (lower) median of values counted in bins ``[i*width, (i+1)*width)``: the middle of its bin."""
+    """The median of values counted in bins ``[i*width, (i+1)*width)``, each value taken as its bin's middle.
+
+    As ``np.median``: the middle value, or the mean of the two middle values of an even count.
+    """
     total = int(counts.sum())
     if total == 0:
         return math.nan
-    index = int(np.searchsorted(np.cumsum(counts), (total + 1) // 2))
-    return (index + 0.5) * width
+    cumulative = np.cumsum(counts)
+    lower = int(np.searchsorted(cumulative, (total + 1) // 2))
+    upper = int(np.searchsorted(cumulative, total // 2 + 1))
+    return ((lower + upper) / 2 + 0.5) * width
 
 
 def poisson_weights(seed: int, sequence: int, replicates: int) -> np.ndarray:

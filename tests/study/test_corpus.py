@@ -1,0 +1,161 @@
+"""Corpus sources become the papers' chunks: documents joined by <|endoftext|>, no BOS, the rest dropped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from noln_core.errors import InputError
+from noln_core.study.corpus import Corpus, parse_corpus, prepare_chunks, text_corpus
+from noln_core.tokenizer import gpt2_tokenizer
+
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gpt2_tokenizer()
+
+
+def ids(tok, text):
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def chunks_of(tok, corpus, tmp_path, seq_len, **kw):
+    return prepare_chunks(corpus, tok, tmp_path / "state", seq_len, **kw).tokens()
+
+
+def test_documents_are_joined_by_eot_and_cut_without_bos(tok, tmp_path):
+    docs = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void."]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, d in enumerate(docs):
+        (folder / f"{i}.txt").write_text(d)
+    (folder / ".hidden").write_text("never read")
+    stream = ids(tok, docs[0]) + [EOT] + ids(tok, docs[1]) + [EOT]
+    rows = chunks_of(tok, parse_corpus(str(folder)), tmp_path, 7)
+    n = len(stream) // 7
+    assert rows.shape == (n, 7)
+    assert rows.ravel().tolist() == stream[: n * 7]  # consecutive, the rest dropped, no BOS
+
+
+def test_bos_puts_eot_first_with_seq_len_minus_one_tokens(tok, tmp_path):
+    text = "Let there be light: and there was light. " * 5
+    stream = ids(tok, text) + [EOT]
+    rows = chunks_of(tok, text_corpus(text), tmp_path, 8, bos=True)
+    assert (rows[:, 0] == EOT).all()
+    assert rows[:, 1:].ravel().tolist() == stream[: rows.shape[0] * 7]
+
+
+def test_budget_counts_whole_sequences(tok, tmp_path):
+    text = "word " * 500
+    rows = chunks_of(tok, text_corpus(text), tmp_path, 16, max_tokens=50)
+    assert rows.shape == (3, 16)
+
+
+def test_jsonl_field_and_pretokenised_rows(tok, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"body": "one two three"}, {"body": "four five"}]) + "\n")
+    rows = chunks_of(tok, parse_corpus(str(path), field="body"), tmp_path / "a", 3)
+    assert rows.ravel().tolist() == (ids(tok, "one two three") + [EOT] + ids(tok, "four five") + [EOT])[:rows.size]
+    pre = tmp_path / "pre.jsonl"
+    pre.write_text("\n".join(json.dumps({"input_ids": r}) for r in [[1, 2, 3, 4], [5, 6, 7]]))
+    rows = chunks_of(tok, parse_corpus(str(pre), field="input_ids"), tmp_path / "b", 3)
+    assert rows.tolist() == [[1, 2, 3], [4, 5, 6]]  # used as they are: no EOT added
+
+
+def test_existing_chunks_are_reused(tok, tmp_path):
+    corpus = text_corpus("a b c d e f g h i j k l")
+    first = prepare_chunks(corpus, tok, tmp_path, 4)
+    (tmp_path / "chunks.u32").write_bytes(np.arange(first.n * 4, dtype=np.uint32).tobytes())
+    assert prepare_chunks(corpus, tok, tmp_path, 4).tokens().ravel().tolist() == list(range(first.n * 4))
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: text_corpus(""), r"is empty"),
+    (lambda p: (p / "e.txt").write_bytes(b"\xff\xfe bad") and parse_corpus(str(p / "e.txt")), r"not UTF-8"),
+    (lambda p: (p / "r.jsonl").write_text('{"text": "x"}\n') and parse_corpus(str(p / "r.jsonl"), field="body"),
+     r"has no field 'body' \(it has: text\)"),
+    (lambda p: text_corpus("short"), r"fewer than one sequence of 64"),
+    (lambda p: parse_corpus(str(p / "missing.txt")), r"no such corpus file"),
+    (lambda p: (p / "d").mkdir() or parse_corpus(str(p / "d")), r"holds no files"),
+])
+def test_bad_corpora_get_one_line(tok, tmp_path, setup, message):
+    with pytest.raises(InputError, match=message) as err:
+        prepare_chunks(setup(tmp_path), tok, tmp_path / "state", 64)
+    assert "\n" not in str(err.value)
+
+
+def test_budget_smaller_than_one_sequence(tok, tmp_path):
+    with pytest.raises(InputError, match="smaller than one sequence of 64"):
+        prepare_chunks(text_corpus("x " * 500), tok, tmp_path, 64, max_tokens=10)
+
+
+def test_dataset_names_parse():
+    c = parse_corpus("lucabaroni/apollo-pile-filtered-10k:default", split="test")
+    assert (c.kind, c.source, c.config, c.split) == ("dataset", "lucabaroni/apollo-pile-filtered-10k", "default", "test")
+    with pytest.raises(InputError, match="neither a file nor a dataset"):
+        parse_corpus("not a/da/taset")
+
+
+def fake_datasets_cache(tmp_path, repo: str, rows: list[dict]):
+    """The datasets cache as an earlier online ``load_dataset(repo)`` leaves it (built offline, no network)."""
+    import datasets
+
+    src = tmp_path / "src.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    builder = datasets.load_dataset_builder("json", data_files={"train": str(src)}, cache_dir=str(tmp_path / "build"))
+    builder.download_and_prepare()
+    name = repo.split("/")[-1]
+    target = tmp_path / "datasets" / repo.replace("/", "___") / "default" / "0.0.0" / "0"
+    shutil.copytree(builder.cache_dir, target)
+    (target / "json-train.arrow").rename(target / f"{name}-train.arrow")
+    return tmp_path / "datasets"
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    import datasets
+
+    def make(repo, rows):
+        cache = fake_datasets_cache(tmp_path, repo, rows)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        return cache
+    return make
+
+
+def test_hub_dataset_is_read_from_the_cache_offline(tok, tmp_path, offline_datasets):
+    offline_datasets("someone/tiny-pile", [{"text": "alpha beta gamma"}, {"text": "delta epsilon"}])
+    rows = chunks_of(tok, parse_corpus("someone/tiny-pile"), tmp_path, 4)
+    stream = ids(tok, "alpha beta gamma") + [EOT] + ids(tok, "delta epsilon") + [EOT]
+    assert rows.ravel().tolist() == stream[: rows.size]
+
+
+def test_pretokenised_hub_dataset_is_used_as_it_is(tok, tmp_path, offline_datasets):
+    offline_datasets("someone/pretok", [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [9, 10]}])
+    assert chunks_of(tok, parse_corpus("someone/pretok"), tmp_path, 3).tolist() == [[5, 6, 7], [8, 9, 10]]
+
+
+def test_hub_dataset_errors_are_one_line(tok, tmp_path, offline_datasets):
+    offline_datasets("someone/tiny-pile", [{"text": "alpha"}])
+    with pytest.raises(InputError, match="not in the local cache and the hub is offline"):
+        prepare_chunks(parse_corpus("someone/absent"), tok, tmp_path / "a", 4)
+    with pytest.raises(InputError, match="no column 'body'"):
+        prepare_chunks(parse_corpus("someone/tiny-pile", field="body"), tok, tmp_path / "b", 4)
+    with pytest.raises(InputError, match="someone/tiny-pile.*split"):
+        prepare_chunks(parse_corpus("someone/tiny-pile", split="test"), tok, tmp_path / "c", 4)
+
+
+def test_corpus_identity_follows_contents(tmp_path):
+    a, b = text_corpus("one"), text_corpus("two")
+    assert a.identity() != b.identity() and a.identity() == text_corpus("one").identity()
+    path = tmp_path / "t.txt"
+    path.write_text("v1")
+    before = Corpus("file", str(path)).identity()
+    path.write_text("v2 longer")
+    assert Corpus("file", str(path)).identity() != before
