@@ -1,0 +1,148 @@
+"""``python -m noln_core study``: the JSON schema, the files of --out, one-line errors, and 2 processes = 1."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from noln_core.cli import main
+from noln_core.study.report import markdown, published
+
+ARGS = ["--data", "demo", "--seq-len", "32", "--max-tokens", "320", "--batch", "4", "--bootstrap", "100",
+        "--device", "cpu"]
+
+
+def study(capsys, tmp_path, *args):
+    code = main(["study", *args, "--state-dir", str(tmp_path / "state")])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def doc_and_files(ln_dir, noln_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    proc = subprocess.run([sys.executable, "-m", "noln_core", "study", "--model", str(ln_dir), "--model", str(noln_dir),
+                           *ARGS, "--json", "--out", str(tmp / "out"), "--state-dir", str(tmp / "state")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), tmp / "out", tmp
+
+
+def test_json_schema(doc_and_files):
+    doc, _, _ = doc_and_files
+    assert doc["processes"] == 1 and doc["seq_len"] == 32 and doc["complete"] is True
+    assert doc["n_sequences"] == 10
+    for m in doc["models"]:
+        assert {"name", "source", "revision", "ln_free", "n_sequences", "n_tokens", "ce", "entropy", "ece", "nmae",
+                "first_token_norm", "sink_rate", "exploding"} <= set(m)
+        assert m["n_sequences"] == 10 and m["n_tokens"] == 10 * 31
+        assert set(m["ce"]) == {"mean", "ci95", "median"} and len(m["ce"]["ci95"]) == 2
+        lo, hi = m["ce"]["ci95"]
+        assert lo < m["ce"]["mean"] < hi
+        assert set(m["nmae"]) >= {"mean", "ci95", "definition"} and m["nmae"]["definition"] == "last-token"
+        assert set(m["sink_rate"]) == {"papers", "gu2024"}
+        assert isinstance(m["exploding"], list)
+        assert len(m["first_token_norm"]["mean"]) == 4  # embedding + 3 blocks
+    assert doc["models"][1]["ln_free"] and doc["models"][1]["nmae"]["mean"] < 1e-9
+    (pair,) = doc["pairs"]
+    assert {"a", "b", "kl_ab", "kl_ba", "js", "top1_agreement"} <= set(pair)
+    assert pair["a"] == doc["models"][0]["name"]
+
+
+def test_out_writes_json_csv_and_markdown(doc_and_files):
+    doc, out, _ = doc_and_files
+    assert json.loads((out / "study.json").read_text()) == doc
+    rows = list(csv.DictReader(open(out / "study.csv")))
+    assert [r["name"] for r in rows] == [m["name"] for m in doc["models"]]
+    assert float(rows[0]["ce_mean"]) == pytest.approx(doc["models"][0]["ce"]["mean"])
+    md = (out / "study.md").read_text()
+    assert f"{doc['models'][0]['ce']['mean']:.4f}" in md and "published" not in md  # no paper model here
+
+
+def test_markdown_labels_the_papers_numbers_for_their_models(doc_and_files):
+    doc, _, _ = doc_and_files
+    doc = json.loads(json.dumps(doc))
+    doc["corpus"] = "lucabaroni/apollo-pile-filtered-10k (train)"
+    doc["models"][0]["source"], doc["models"][1]["source"] = "openai-community/gpt2", "schaeff/gpt2-small_LNFree300"
+    md = markdown(doc)
+    assert "*published: CE, Pile-filtered" in md and "*2.7899*" in md and "*2.8757*" in md
+    assert "*published: NMAE %" in md and "*49.07*" in md and "*0.00*" in md
+    assert published("schaeff/gpt2-medium_vanilla500", None, "openwebtext")["ce"][0] == 2.7390
+    assert published("apollo-research/gpt2_noLN", "v4", "the pile")["ce"][0] == 2.926
+    assert published("/local/dir", None, "pile") == {}
+
+
+def test_two_processes_equal_one(doc_and_files, ln_dir, noln_dir):
+    """``accelerate launch`` with 2 processes (gloo on the CPU) gives the 1-process JSON, but for ``processes``."""
+    one, _, tmp = doc_and_files
+    accelerate = shutil.which("accelerate")
+    assert accelerate, "accelerate is a requirement"
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "noln_core", "study", "--model", str(ln_dir), "--model", str(noln_dir), *ARGS,
+         "--json", "--state-dir", str(tmp / "state2")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads(proc.stdout)
+    assert two["processes"] == 2
+    assert sorted(p.name for p in (tmp / "state2").rglob("shard-*")) == ["shard-0-of-2.pt", "shard-1-of-2.pt"]
+    two["processes"] = one["processes"]
+    assert two == one
+
+
+def test_interrupted_run_exits_130_and_resumes(ln_dir, tmp_path):
+    state = tmp_path / "state"
+    cmd = [sys.executable, "-c", (
+        "import sys, noln_core.study.engine as e\n"
+        "orig = e.measure_batch\n"
+        "n = [0]\n"
+        "def stop(*a, **k):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 2: raise KeyboardInterrupt\n"
+        "    return orig(*a, **k)\n"
+        "e.measure_batch = stop\n"
+        "from noln_core.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"), "study", "--model", str(ln_dir), *ARGS, "--json", "--state-dir", str(state)]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 130
+    assert first.stderr.strip().splitlines()[-1].startswith("error: stopped after 4 sequences")
+    assert json.loads(first.stdout)["complete"] is False
+    second = subprocess.run([sys.executable, "-m", "noln_core", "study", "--model", str(ln_dir), *ARGS, "--json",
+                             "--state-dir", str(state)], capture_output=True, text=True)
+    assert second.returncode == 0 and "resuming: 4 of 10" in second.stderr
+    assert json.loads(second.stdout)["n_sequences"] == 10
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "EMPTY"], "is empty"),
+    (["--data", "BAD"], "not UTF-8"),
+    (["--data", "someone/no-such-dataset"], "not in the local cache and the hub is offline"),
+    (["--data", "JSONL", "--field", "body"], "has no field 'body'"),
+    (["--data", "demo", "--max-tokens", "10"], "smaller than one sequence of 32"),
+    (["--data", "demo", "--metrics", "ce,vibes"], "unknown metric 'vibes'"),
+    (["--data", "demo", "--batch", "0"], "--batch 0 must be at least 1"),
+    (["--data", "demo", "--model", "VOCAB"], "different tokenizers"),
+])
+def test_bad_input_gets_one_line(capsys, tmp_path, ln_dir, extra, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe")
+    (tmp_path / "c.jsonl").write_text('{"text": "hello"}\n')
+    other = tmp_path / "vocab"
+    if "VOCAB" in extra:
+        from checkpoints import save, tiny_config
+        from transformers import GPT2LMHeadModel
+
+        save(GPT2LMHeadModel(tiny_config(vocab_size=50300)), other)
+        capsys.readouterr()
+    swap = {"EMPTY": str(tmp_path / "empty.txt"), "BAD": str(tmp_path / "bad.txt"), "JSONL": str(tmp_path / "c.jsonl"),
+            "VOCAB": str(other)}
+    extra = [swap.get(x, x) for x in extra]
+    code, out, err = study(capsys, tmp_path, "--model", str(ln_dir), "--seq-len", "32", "--device", "cpu", *extra)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
