@@ -80,6 +80,7 @@ def report(result: RunResult) -> dict[str, Any]:
                 "ln1": norms[i].ln1_scale, "ln2": norms[i].ln2_scale, "ln_final": norms[i].ln_final_scale},
             "attn_to_first": attn[i].to_first,
             "sink_rate": attn[i].sink_rate,
+            "sink_rate_papers": attn[i].sink_rate_papers,
             "hf_deviation": run.hf_deviation,
         }
         if dla is not None and de is not None and lens is not None:

@@ -1,10 +1,14 @@
-"""Attention patterns and attention sinks.
+"""Attention patterns and attention sinks, by two definitions, each with its source.
 
-A head is an *attention sink* on a prompt when it puts at least 30% of its
-attention on the first position, averaged over the query positions after it
-(the criterion of Baroni et al. 2025, arXiv:2507.02559, who report the share
-of such heads in GPT-2 medium falling from 55.3% to 45.3% once LayerNorm is
-removed).  The *sink rate* is the share of all heads that are sinks.
+* ``sink_rate`` (Gu et al. 2024, "When Attention Sink Emerges in Language
+  Models"): a head is an *attention sink* on a prompt when its attention on the
+  first position, averaged over the query positions after it, is at least 30%;
+  the rate is the share of heads that are sinks.
+* ``sink_rate_papers`` (Baroni et al. 2025, arXiv:2507.02559, their code's
+  ``utils.calculate_sink_rate``): the share of (layer, head, query) triples,
+  query 0 included, whose attention on position 0 is strictly above 0.3.  This
+  is the definition behind the paper's GPT-2 medium figures (55.3% with LN,
+  45.3% without), measured over a corpus (``noln_core.study``), not one prompt.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ class AttentionSummary:
     is_sink: np.ndarray
     """(L, H) bool: ``to_first >= threshold``."""
     sink_rate: float
-    """Share of heads that are sinks (NaN with one token)."""
+    """Gu et al. 2024: share of heads that are sinks (NaN with one token)."""
     threshold: float
     patterns: np.ndarray | None
     """(L, H, n, n) full patterns when the run kept them."""
+    sink_rate_papers: float = float("nan")
+    """Baroni et al. 2025's code: share of (layer, head, query), query 0 included, with attention on 0 > threshold."""
 
 
 def attention(result, threshold: float = SINK_THRESHOLD) -> tuple[AttentionSummary, ...]:
@@ -45,5 +51,7 @@ def attention(result, threshold: float = SINK_THRESHOLD) -> tuple[AttentionSumma
             to_first = np.full(run.attn_to_first.shape[:2], np.nan)
             is_sink = np.zeros(to_first.shape, dtype=bool)
             rate = float("nan")
-        out.append(AttentionSummary(run.name, run.info.ln_free, to_first, is_sink, rate, threshold, run.attn_patterns))
+        papers = float((run.attn_to_first > threshold).mean())
+        out.append(AttentionSummary(run.name, run.info.ln_free, to_first, is_sink, rate, threshold, run.attn_patterns,
+                                    papers))
     return tuple(out)

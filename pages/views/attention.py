@@ -13,13 +13,17 @@ result = current_run()
 if result is not None:
     summaries = analysis(attention)
     st.markdown(
-        "A head is an *attention sink* on this text when it puts at least 30% of its attention on the first token, "
-        "averaged over the later positions. Sinks let a head do nothing; Baroni et al. 2025 found fewer of them "
-        "once LayerNorm is gone (GPT-2 medium: 55.3% → 45.3% of heads)."
+        "Two definitions of the *sink rate*, each with its source. **Gu et al. 2024**: the share of heads whose "
+        "attention on the first token, averaged over the later positions, is at least 30% (the heatmap). "
+        "**Baroni et al. 2025's code** (`calculate_sink_rate`): the share of (layer, head, query) triples, the first "
+        "query included, whose attention on the first token is above 0.3; their GPT-2 medium figure, 55.3% → 45.3% "
+        "once LayerNorm is gone, uses it over a corpus. Sinks let a head do nothing. For corpus-level rates with "
+        "intervals, see the Study page."
     )
     labels = tables.model_labels(s.name for s in summaries)
     for col, label, s in zip(st.columns(len(summaries)), labels, summaries):
-        col.metric(f"Sink rate · {md(label)}", f"{s.sink_rate:.1%}" if s.sink_rate == s.sink_rate else "—")
+        col.metric(f"Sink rate (Gu et al.) · {md(label)}", f"{s.sink_rate:.1%}" if s.sink_rate == s.sink_rate else "—")
+        col.metric(f"Sink rate (Baroni et al. code) · {md(label)}", f"{s.sink_rate_papers:.1%}")
     figure(figures.sink_heatmaps(summaries), "attention_sinks", tables.attention_frame(summaries))
     L, H = summaries[0].to_first.shape
     c1, c2 = st.columns(2)

@@ -30,6 +30,16 @@ def test_sink_rate_matches_definition(result, ln_dir):
     assert summary.sink_rate == pytest.approx(float((to_first >= 0.3).mean()))
 
 
+def test_papers_sink_rate_counts_every_query_above_the_threshold(result, ln_dir):
+    """Baroni et al.'s code (utils.calculate_sink_rate): (layer, head, query) with attention on 0 > 0.3, query 0 in."""
+    ref = np.stack([a.numpy() for a in hf_run(ln_dir, list(result.token_ids))["attentions"]])  # (L, H, q, k)
+    on_first = ref[..., 0]
+    L, H, T = on_first.shape
+    summary = attention(result)[0]
+    assert summary.sink_rate_papers == pytest.approx((on_first > 0.3).sum() / (L * H * T))
+    assert summary.sink_rate_papers >= 1 / T  # query 0 attends only to itself
+
+
 def test_threshold_is_a_parameter(result):
     low, high = attention(result, threshold=0.0)[0], attention(result, threshold=1.01)[0]
     assert low.sink_rate == 1.0 and high.sink_rate == 0.0 and high.threshold == 1.01
