@@ -42,6 +42,7 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec("residual-norms", "Residual norms", ":material/straighten:"),
     PageSpec("attribution", "Attribution", ":material/extension:"),
     PageSpec("attention", "Attention", ":material/visibility:"),
+    PageSpec("study", "Study", ":material/query_stats:"),
     PageSpec("about", "About", ":material/menu_book:"),
 )
 """Every page, the first being the default."""

@@ -227,6 +227,9 @@ def run_study(
                 last_save = time.monotonic()
     except KeyboardInterrupt:  # Ctrl-C: keep what is done, and say so (the result is marked incomplete)
         stopped = interrupted = True
+    except BaseException:  # anything else that stops the loop (an app's rerun, an error): keep what is done
+        save()
+        raise
     save()
     if stopped and world.processes > 1:
         if interrupted:

@@ -1,5 +1,5 @@
-"""Presentation: Plotly figure builders (:mod:`.figures`) and tidy tables (:mod:`.tables`) of the analyses'
-dataclasses.  Pure functions that compute nothing new; no Streamlit."""
-from . import figures, tables
+"""Presentation: Plotly figure builders (:mod:`.figures`, :mod:`.study`) and tidy tables (:mod:`.tables`) of the
+analyses' and the study's dataclasses.  Pure functions that compute nothing new; no Streamlit."""
+from . import figures, study, tables
 
-__all__ = ["figures", "tables"]
+__all__ = ["figures", "study", "tables"]

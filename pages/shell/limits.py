@@ -30,6 +30,10 @@ class Limits:
     """Seconds a session waits for its turn to load before it is told to try again (None: no limit)."""
     model_memory_mb: int | None = None
     """Memory the resident models' weights may take; a model that cannot fit is refused before it loads."""
+    study_max_tokens: int | None = None
+    """The Study page's largest budget (None: no cap)."""
+    study_max_upload_mb: int = 10
+    """The largest corpus file the Study page accepts."""
 
 
 def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
@@ -65,6 +69,8 @@ def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
         run_cache_mb=number("NOLN_RUN_CACHE_MB", "run_cache_mb", 256 if hosted else 1024),
         model_memory_mb=number("NOLN_MODEL_MEMORY_MB", "model_memory_mb", 6000 if hosted else None),
         load_wait_s=number("NOLN_LOAD_WAIT_S", "load_wait_s", 120 if hosted else None),
+        study_max_tokens=number("NOLN_STUDY_MAX_TOKENS", "study_max_tokens", 32_768 if hosted else None),
+        study_max_upload_mb=number("NOLN_STUDY_MAX_UPLOAD_MB", "study_max_upload_mb", 5 if hosted else 10),
     )
 
 

@@ -90,7 +90,8 @@ def test_every_page_renders_without_exception(app, expected):
                 assert shown[f"Max first-token norm · {label}"] == f"{m.first_token_max:,.1f}"
         if page.endswith("attention.py"):
             for label, s in zip(labels(s.name for s in sinks), sinks):
-                assert shown[f"Sink rate · {label}"] == f"{s.sink_rate:.1%}"
+                assert shown[f"Sink rate (Gu et al.) · {label}"] == f"{s.sink_rate:.1%}"
+                assert shown[f"Sink rate (Baroni et al. code) · {label}"] == f"{s.sink_rate_papers:.1%}"
         if page.endswith("about.py"):
             assert any("2409.13710" in m.value for m in app.markdown) and any("2507.02559" in m.value for m in app.markdown)
 

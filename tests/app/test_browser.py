@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,7 +27,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 PAGES = [("Overview", "Overview: what each model predicts", 2), ("Logit difference", "Logit difference and its logit lens", 1),
          ("Residual norms", "Residual-stream norms", 3), ("Attribution", "Attribution: who wrote the logit difference?", 4),
-         ("Attention", "Attention and attention sinks", 2), ("About", "About noLN Explorer", 0)]
+         ("Attention", "Attention and attention sinks", 2), ("Study", "Study: a corpus, many models", 0),
+         ("About", "About noLN Explorer", 0)]
 
 
 def _free_port() -> int:
@@ -39,7 +41,8 @@ def _free_port() -> int:
 def streamlit_server(ln_dir, noln_dir):
     """A fresh Streamlit server on a free loopback port, stopped afterwards."""
     port = _free_port()
-    env = {**os.environ, "NOLN_DEFAULT_MODELS": f"{ln_dir},{noln_dir}", "HF_HUB_OFFLINE": "1", "NOLN_HOSTED": "0"}
+    env = {**os.environ, "NOLN_DEFAULT_MODELS": f"{ln_dir},{noln_dir}", "HF_HUB_OFFLINE": "1", "NOLN_HOSTED": "0",
+           "NOLN_STUDY_CACHE": tempfile.mkdtemp(prefix="noln-study-")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
@@ -108,6 +111,26 @@ def test_pages_render_in_a_real_browser(server, browser):
         assert page.locator(".js-plotly-plot").count() >= charts
         page.screenshot(path=str(SHOTS / f"{title.lower().replace(' ', '-')}.png"))
     assert "page=about" in page.url
+
+
+def test_study_page_runs_a_study_in_a_real_browser(server, browser, ln_dir, noln_dir):
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(server)
+    _wait_for_charts(page, 2)
+    page.locator("[data-testid='stSidebarNav'] a", has_text="Study").first.click()
+    page.get_by_role("heading", name="Study: a corpus, many models").wait_for(timeout=60_000)
+    for label, value in (("More models", f"{ln_dir}, {noln_dir}"), ("Tokens per sequence", "32"),
+                         ("Budget (tokens)", "192"), ("Batch", "3")):
+        field = page.locator(f"input[aria-label^='{label}']").first
+        field.fill(value)
+        field.press("Enter")
+        page.wait_for_timeout(700)
+    page.get_by_role("button", name="Run study").click()
+    _wait_for_charts(page, 6)
+    page.get_by_text("6 sequences of 32 tokens").first.wait_for(timeout=60_000)
+    _assert_no_exception(page)
+    assert page.get_by_text("JSON: study").count() == 1
+    page.screenshot(path=str(SHOTS / "study-run.png"), full_page=True)
 
 
 def test_a_fresh_servers_first_request_for_a_page_opens_that_page(browser, ln_dir, noln_dir):
