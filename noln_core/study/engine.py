@@ -40,6 +40,25 @@ FORMAT = 1
 PROBE = "Tokenizers agree on this: naïve café, 1234, \t tabs and ünïcödé — done."
 
 
+def bound_heap() -> bool:
+    """Serve allocations of 1 MB and more from ``mmap`` (glibc), so that freed blocks go back to the system.
+
+    A study allocates the same large, short-lived blocks batch after batch (logits of a block of
+    rows, MLP activations).  glibc's default raises its mmap threshold as blocks are freed, after
+    which such blocks come from the heap and fragment it: resident memory then grew by about
+    0.5 GB a batch at 8 x 1024 tokens (GPT-2 small, two models), against none with the threshold
+    fixed (bench/NOTES.md).  A no-op where glibc's ``mallopt`` is missing; True when it applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
 def cache_root() -> Path:
     """Where studies keep their state: ``$NOLN_STUDY_CACHE``, else ``~/.cache/noln-explorer/studies``."""
     return Path(os.environ.get("NOLN_STUDY_CACHE") or Path.home() / ".cache" / "noln-explorer" / "studies")
@@ -168,6 +187,7 @@ def run_study(
     if seq_len < 3:
         raise InputError(f"--seq-len {seq_len} is too short: a study needs at least 3 tokens per sequence")
     key = study_key(models, corpus, seq_len, bos, max_tokens, batch, settings)
+    bound_heap()
     directory = (state_dir or cache_root()) / key
     ref = models[0]
     error = None

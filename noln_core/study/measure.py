@@ -70,7 +70,7 @@ class Settings:
     seed: int = 0
     pairs: str = "all"
     """``all`` pairs of models, or ``first``: each model against the first."""
-    row_bytes: int = 512 * 2**20
+    row_bytes: int = 256 * 2**20
     """Memory for the logits of one block of rows, all models together."""
 
     def wants(self, metric: str) -> bool:
@@ -128,7 +128,7 @@ def _capture(model: LoadedModel, ids: torch.Tensor, settings: Settings, read_pos
             if name == last:
                 box["resid"] = x
         elif name.endswith("hook_attn_to_first"):
-            to_first.append(x.float())
+            to_first.append(x.to(torch.float32, copy=True))  # a copy: the view would keep the kernel's output alive
         else:  # hook_z: each head's write into the residual stream at the read position
             layer = int(name.split(".")[1])
             z = x[:, read_pos].double()  # (batch, head, d_head)

@@ -39,9 +39,15 @@ st.markdown(
 - **DLA against the true direct effect** (normalised mean absolute error over all heads of GPT-2 small):
   49.07% original, 57.85% fine-tuned with LN, **0.00%** LN-free.
 - **First-token residual norm**: about 3,100–3,600 with LN; about 300–500 in every layer without.
-- **Attention-sink rate** (GPT-2 medium): 55.3% → 45.3%.
+- **Attention-sink rate** (GPT-2 medium): 55.3% → 45.3%, by their code's definition (the share of
+  (layer, head, query) with attention on the first token above 0.3, over a corpus).
+- **Calibration** (GPT-2 medium): entropy 2.86 → 2.53, calibration error 0.019 → 0.034: LN-free models are
+  overconfident.
 - **Exploding norms**: LN-free GPT-2 XL's Pile loss is 130.22 on average because of three samples of tab and
   form-feed runs, rare in OpenWebText; try the "Rare tokens" preset.
+
+These are corpus-level claims: the **Study** page measures them on any models and corpus, with 95% intervals,
+and labels the papers' published numbers beside yours.
 
 **Papers**
 

@@ -128,6 +128,7 @@ def test_study_page_runs_a_study_in_a_real_browser(server, browser, ln_dir, noln
     page.get_by_role("button", name="Run study").click()
     _wait_for_charts(page, 6)
     page.get_by_text("6 sequences of 32 tokens").first.wait_for(timeout=60_000)
+    page.get_by_text("JSON: study").wait_for(timeout=60_000)  # the last element: the run has finished
     _assert_no_exception(page)
     assert page.get_by_text("JSON: study").count() == 1
     page.screenshot(path=str(SHOTS / "study-run.png"), full_page=True)
