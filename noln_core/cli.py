@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Any, Sequence
@@ -25,28 +24,12 @@ from .errors import InputError, NolnError
 from .loading import load_model
 from .model import DTYPES
 from .study.measure import METRICS, NMAE_TARGETS
+from .study.results import json_safe
 from .registry import DEFAULT_PAIR, DEMO_PAIR, REGISTRY, default_pair, parse_spec
 from .tokenizer import decode_utf8
 
 EXIT_BAD_INPUT = 2
 TOP_NEURONS = 10
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: arrays to lists, NaN/inf to null."""
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 def report(result: RunResult) -> dict[str, Any]:
@@ -113,7 +96,7 @@ def report(result: RunResult) -> dict[str, Any]:
             for idx, pr in zip(result.pairs, nt.pairs)
         ],
     }
-    return _clean(doc)
+    return json_safe(doc)
 
 
 def _summary(doc: dict[str, Any]) -> str:

@@ -260,11 +260,16 @@ def build_result(totals: Totals, models, settings: Settings, *, seq_len: int, bo
     return StudyResult(seq_len, bos, processes, corpus, n_total, complete, settings, tuple(out), tuple(pairs))
 
 
-def _num(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """A value ready for ``json.dumps``: arrays to lists, NumPy scalars to Python ones, NaN and infinities to None."""
     if isinstance(x, np.ndarray):
-        return [_num(v) for v in x.tolist()]
+        return json_safe(x.tolist())
     if isinstance(x, (list, tuple)):
-        return [_num(v) for v in x]
+        return [json_safe(v) for v in x]
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
     if isinstance(x, (float, np.floating)):
         return float(x) if math.isfinite(x) else None
     if isinstance(x, np.integer):
@@ -273,7 +278,7 @@ def _num(x: Any) -> Any:
 
 
 def _est(e: Estimate | None) -> dict | None:
-    return None if e is None else {"mean": _num(e.mean), "ci95": _num(list(e.ci95))}
+    return None if e is None else {"mean": json_safe(e.mean), "ci95": json_safe(list(e.ci95))}
 
 
 def position_buckets(n: int, first: int = 16) -> list[tuple[int, int]]:
@@ -299,31 +304,31 @@ def to_json(result: StudyResult, positions: int = 16) -> dict[str, Any]:
         models.append({
             "name": m.name, "source": m.source, "revision": m.revision, "ln_free": m.ln_free,
             "n_sequences": m.n_sequences, "n_tokens": m.n_tokens,
-            "ce": {**_est(m.ce), "median": _num(m.ce_median)},
+            "ce": {**_est(m.ce), "median": json_safe(m.ce_median)},
             "entropy": _est(m.entropy),
             "ece": None if m.ece is None else {
-                "value": _num(m.ece.mean), "ci95": _num(list(m.ece.ci95)),
-                "bins": {k: _num(v) for k, v in (m.reliability or {}).items()}},
+                "value": json_safe(m.ece.mean), "ci95": json_safe(list(m.ece.ci95)),
+                "bins": {k: json_safe(v) for k, v in (m.reliability or {}).items()}},
             "nmae": None if m.nmae is None else {
-                **_est(m.nmae), "definition": s.nmae_target, "per_head": _num(m.nmae_per_head)},
+                **_est(m.nmae), "definition": s.nmae_target, "per_head": json_safe(m.nmae_per_head)},
             "first_token_norm": None if m.first_token_norm is None else {
-                k: _num(v) for k, v in m.first_token_norm.items()},
+                k: json_safe(v) for k, v in m.first_token_norm.items()},
             "sink_rate": None if m.sink_rate is None else {k: _est(v) for k, v in m.sink_rate.items()},
             "loss_by_position": [
-                {"start": a, "end": b, "mean": _num(float(np.mean(m.loss_by_position[a:b]))),
-                 "ci95": _num(list(m.loss_by_position_ci[a])) if b == a + 1 else None}
+                {"start": a, "end": b, "mean": json_safe(float(np.mean(m.loss_by_position[a:b]))),
+                 "ci95": json_safe(list(m.loss_by_position_ci[a])) if b == a + 1 else None}
                 for a, b in position_buckets(len(m.loss_by_position), positions)],
-            "exploding": [{"token_id": e.token_id, "token": e.token, "count": e.count, "mean_loss": _num(e.mean_loss),
-                           "max_loss": _num(e.max_loss), "max_norm": _num(e.max_norm), "context": e.context}
+            "exploding": [{"token_id": e.token_id, "token": e.token, "count": e.count, "mean_loss": json_safe(e.mean_loss),
+                           "max_loss": json_safe(e.max_loss), "max_norm": json_safe(e.max_norm), "context": e.context}
                           for e in m.exploding],
             "exploding_positions": m.exploding_positions,
         })
     pairs = [{
         "a": p.a, "b": p.b, "kl_ab": _est(p.kl_ab), "kl_ba": _est(p.kl_ba), "js": _est(p.js),
         "top1_agreement": _est(p.top1_agreement), "loss_diff": _est(p.loss_diff),
-        "loss_diff_histogram": {"edges": _num(result.diff_edges), "counts": _num(p.loss_diff_histogram)},
-        "parting": [{"token_id": t.token_id, "token": t.token, "count": t.count, "mean_diff": _num(t.mean_diff),
-                     "total_abs_diff": _num(t.total_abs_diff), "worst_diff": _num(t.worst_diff),
+        "loss_diff_histogram": {"edges": json_safe(result.diff_edges), "counts": json_safe(p.loss_diff_histogram)},
+        "parting": [{"token_id": t.token_id, "token": t.token, "count": t.count, "mean_diff": json_safe(t.mean_diff),
+                     "total_abs_diff": json_safe(t.total_abs_diff), "worst_diff": json_safe(t.worst_diff),
                      "context": t.context} for t in p.parting],
     } for p in result.pairs]
     return {
