@@ -16,3 +16,5 @@ NOLN_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests
 # 2. The benchmark, float32 then bfloat16.
 timeout 200 python3 -m bench.run --device cuda --dtype float32 --no-app --out "$OUT/bench_float32.md" 2>&1 | grep -v Loading | tail -20
 timeout 150 python3 -m bench.run --device cuda --dtype bfloat16 --no-app --out "$OUT/bench_bfloat16.md" 2>&1 | grep -v Loading | tail -20
+# 3. The study: throughput against HF forwards and peak host memory, on the GPU.
+timeout 200 python3 -m bench.study --device cuda --batches 4 --repeats 3 2>&1 | grep "^|" | tee "$OUT/bench_study.md"

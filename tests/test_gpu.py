@@ -69,3 +69,19 @@ def test_bfloat16_on_request_reports_its_error(noln_dir):
     model = load_model(str(noln_dir), device=DEVICE, dtype="bfloat16")
     dla = direct_logit_attribution(compare(model, PROMPTS[1], " Paris", " London"))[0]
     assert model.weights.W_QKV.dtype == torch.bfloat16 and np.isfinite(dla.error)
+
+
+def test_a_study_on_the_device_equals_one_on_the_cpu(models, ln_dir, noln_dir, tmp_path):
+    """The study's numbers do not depend on where the models run (float32), and LN-free NMAE stays 0."""
+    from noln_core.study import Settings, parse_corpus, run_study
+
+    kw = dict(seq_len=32, batch=4, max_tokens=32 * 8, settings=Settings(bootstrap=0))
+    here = run_study(models, parse_corpus("demo"), state_dir=tmp_path / "device", **kw)
+    cpu = run_study([load_model(str(d), device="cpu") for d in (ln_dir, noln_dir)], parse_corpus("demo"),
+                    state_dir=tmp_path / "cpu", **kw)
+    for a, b in zip(here.models, cpu.models):
+        assert a.ce.mean == pytest.approx(b.ce.mean, abs=1e-4)
+        assert a.nmae.mean == pytest.approx(b.nmae.mean, abs=1e-4)
+        assert a.sink_rate["papers"].mean == pytest.approx(b.sink_rate["papers"].mean, abs=1e-3)
+    assert here.models[1].nmae.mean < 1e-6
+    assert here.pairs[0].kl_ab.mean == pytest.approx(cpu.pairs[0].kl_ab.mean, abs=1e-4)
