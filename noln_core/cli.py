@@ -174,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--checkpoint-every", type=int, default=50)
     st = sub.add_parser(
         "study", help="the papers' corpus metrics for several models, with 95%% intervals (accelerate-ready)",
-        description="One pass over a corpus computes, per model: mean CE with a 95%% interval over sequences, the "
+        description="One pass over a corpus computes, per model: mean CE with a 95% interval over sequences, the "
                     "per-token median, loss by position, entropy, calibration, DLA-vs-direct-effect NMAE, the "
                     "first token's residual norm, attention-sink rates and exploding tokens; per pair: KL both "
                     "ways, JS, top-1 agreement and where the losses part. Run it under `accelerate launch -m "
