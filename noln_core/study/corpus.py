@@ -173,16 +173,17 @@ def _dataset_rows(corpus: Corpus) -> Iterator[str | list[int]]:
         ds = datasets.load_dataset(corpus.source, corpus.config, split=corpus.split, streaming=not offline)
         rows = iter(ds)
         first = next(rows, None)
-    except (ConnectionError, FileNotFoundError) as err:
-        if offline:
-            raise InputError(f"dataset {name!r} is not in the local cache and the hub is offline (HF_HUB_OFFLINE): "
-                             "download it once online, or use a local file") from None
-        raise InputError(f"no dataset {name!r} could be read ({str(err).splitlines()[0][:200]})") from None
-    except ValueError as err:  # an unknown split or config
-        raise InputError(f"dataset {name!r}: {str(err).splitlines()[0][:300]}") from None
     except Exception as err:
-        if type(err).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError", "DataFilesNotFoundError"):
+        kind = type(err).__name__
+        if kind in ("DatasetNotFoundError", "RepositoryNotFoundError", "DataFilesNotFoundError") and not offline:
             raise InputError(f"no dataset {name!r} on the Hugging Face hub") from None
+        if isinstance(err, (ConnectionError, FileNotFoundError)):
+            if offline:
+                raise InputError(f"dataset {name!r} is not in the local cache and the hub is offline "
+                                 "(HF_HUB_OFFLINE): download it once online, or use a local file") from None
+            raise InputError(f"no dataset {name!r} could be read ({str(err).splitlines()[0][:200]})") from None
+        if isinstance(err, ValueError):  # an unknown split or config
+            raise InputError(f"dataset {name!r}: {str(err).splitlines()[0][:300]}") from None
         raise
     if first is None:
         return

@@ -159,3 +159,30 @@ def test_corpus_identity_follows_contents(tmp_path):
     before = Corpus("file", str(path)).identity()
     path.write_text("v2 longer")
     assert Corpus("file", str(path)).identity() != before
+
+
+def test_online_dataset_errors_map_to_one_line(tok, tmp_path, monkeypatch):
+    """Online (streaming), the hub's own exceptions become one line each; the reading asks for a stream."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    calls = []
+
+    def missing(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(InputError, match="no dataset 'someone/typo:cfg' on the Hugging Face hub"):
+        prepare_chunks(parse_corpus("someone/typo:cfg", split="validation"), tok, tmp_path, 4)
+    assert calls == [("someone/typo", "cfg", "validation", True)]
+
+    def rows(name, config=None, split=None, streaming=False):
+        return iter([{"text": "alpha beta"}, {"text": "gamma"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", rows)
+    got = prepare_chunks(parse_corpus("someone/ok"), tok, tmp_path / "ok", 2).tokens()
+    assert got.ravel().tolist() == (ids(tok, "alpha beta") + [EOT] + ids(tok, "gamma") + [EOT])[: got.size]
