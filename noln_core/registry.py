@@ -26,6 +26,19 @@ BARONI_2025 = (
 )
 RADFORD_2019 = 'Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2)'
 
+PUBLISHED_CE_BARONI: dict[str, dict[str, tuple[float, float, float]]] = {
+    "OpenWebText": {"small": (3.1006, 3.0126, 3.0797), "medium": (2.8145, 2.7390, 2.7642),
+                    "large": (2.6623, 2.6240, 2.6384), "xl": (2.5567, 2.4799, 2.5052)},
+    "Pile": {"small": (2.8450, 2.8511, 2.8852), "medium": (2.5163, 2.5752, 2.6579),
+             "large": (2.5320, 2.6233, 2.7504), "xl": (2.4436, 2.4673, 130.22)},
+    "Pile-filtered": {"small": (2.7899, 2.8112, 2.8757), "medium": (2.5390, 2.5724, 2.6352),
+                      "large": (2.4347, 2.5074, 2.5159), "xl": (2.3739, 2.3821, 2.3992)},
+}
+"""Baroni et al. 2025's cross-entropy: corpus -> size -> (original, fine-tuned with LN, LN-free) (PAPERS.md)."""
+PUBLISHED_CE_HEIMERSHEIM: dict[str, tuple[float, float, float]] = {
+    "OpenWebText": (3.095, 2.989, 3.014), "Pile": (2.856, 2.880, 2.926)}
+"""Heimersheim 2024's cross-entropy of GPT-2 small, corpus -> (original, fine-tuned with LN, gpt2_noLN)."""
+
 GPT2_NOLN = "apollo-research/gpt2_noLN"
 GPT2_NOLN_DEFAULT_REVISION = "v4"
 

@@ -75,10 +75,10 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
-        fresh = self.done - self.resumed_from
-        if fresh <= 0 or self.done >= self.total:
-            return None if self.done < self.total else 0.0
-        return self.elapsed_s / fresh * (self.total - self.done)
+        if self.done >= self.total:
+            return 0.0
+        fresh = self.done - self.resumed_from  # resumed sequences took no time in this run
+        return self.elapsed_s / fresh * (self.total - self.done) if fresh > 0 else None
 
 
 @dataclass(frozen=True)

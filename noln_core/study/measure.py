@@ -34,6 +34,7 @@ Definitions (each labelled with its source in the results):
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,7 @@ import torch
 
 from ..divergence import distribution_stats, pair_divergences
 from ..model import LoadedModel
-from .stats import FINE_BITS, WIDE_BITS, Totals, poisson_weights
+from .stats import FINE_BITS, WIDE_BITS, Totals, poisson_weights, quantise
 
 METRICS = ("ce", "entropy", "calibration", "nmae", "norms", "sinks", "exploding", "pairs")
 """What a study can measure; ``ce`` (with the per-token median and loss by position) is always measured."""
@@ -83,6 +84,21 @@ def model_pairs(n: int, how: str) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
 
+_MEANS: "weakref.WeakKeyDictionary[LoadedModel, tuple[torch.Tensor, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _vocabulary_means(model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean unembedding row and mean ``b_U`` over the vocabulary (float64), once per model.
+
+    Summed a block of rows at a time, so no float64 copy of the whole unembedding is ever made.
+    """
+    if model not in _MEANS:
+        rows = model.weights.W_U_rows
+        total = sum(rows[i:i + 4096].double().sum(0) for i in range(0, rows.shape[0], 4096))
+        _MEANS[model] = (total / rows.shape[0], model.weights.b_U.double().mean())
+    return _MEANS[model]
+
+
 def _readout_direction(model: LoadedModel, a: torch.Tensor, b: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, const)`` per sequence, float64: the quantity is ``(C x / sigma) . u + const``.
@@ -93,8 +109,9 @@ def _readout_direction(model: LoadedModel, a: torch.Tensor, b: torch.Tensor | No
     w = model.weights
     rows, w_u, b_u = w.W_U_rows, w.w_U.double(), w.b_U.double()
     if b is None:
-        u = (rows[a].double() - rows.double().mean(0)) * w_u
-        const = b_u[a] - b_u.mean()
+        mean_row, mean_bias = _vocabulary_means(model)
+        u = (rows[a].double() - mean_row) * w_u
+        const = b_u[a] - mean_bias
     else:
         u = (rows[a].double() - rows[b].double()) * w_u
         const = b_u[a] - b_u[b]
@@ -145,8 +162,9 @@ def measure_batch(models: list[LoadedModel], ids: torch.Tensor, first: int, sett
     ids = ids.to(models[0].device)
     targets = ids[:, 1:]
     seq_index = np.arange(first, first + n_seq)
+    resampled = settings.bootstrap and (settings.wants("calibration") or settings.wants("nmae"))
     weights = (np.stack([poisson_weights(settings.seed, int(s), settings.bootstrap) for s in seq_index], 1)
-               if settings.bootstrap else None)  # (replicates, batch)
+               if resampled else None)  # (replicates, batch): only the bootstrapped metrics use them
     pairs = model_pairs(len(models), settings.pairs) if settings.wants("pairs") and len(models) > 1 else []
     read_pos = T - 1 if settings.nmae_target == "last-token" else T - 2
     resids = []
@@ -239,7 +257,7 @@ def _per_model(totals: Totals, models, stats, ids, seq_index, settings: Settings
                 per_seq[2, s] = np.bincount(b[s], correct[s], minlength=nb)
             totals.add(key + "ece_count", per_seq[0].sum(0), 0)
             for i, name in ((1, "ece_conf"), (2, "ece_acc")):
-                q = _q(per_seq[i], WIDE_BITS)
+                q = quantise(per_seq[i], WIDE_BITS)
                 totals.add(key + name, q.sum(0), WIDE_BITS, already_quantised=True)
                 if weights is not None:
                     totals.add(key + name + "_boot", weights @ q, WIDE_BITS, already_quantised=True)
@@ -247,12 +265,6 @@ def _per_model(totals: Totals, models, stats, ids, seq_index, settings: Settings
                 totals.add(key + "ece_count_boot", weights @ per_seq[0].astype(np.int64), 0)
         if settings.wants("exploding"):
             _exploding(totals, key, model, loss, ids, resids[m], seq_index, settings)
-
-
-def _q(values: np.ndarray, bits: int) -> np.ndarray:
-    from .stats import quantise
-
-    return quantise(values, bits)
 
 
 def _exploding(totals: Totals, key: str, model: LoadedModel, loss: np.ndarray, ids: torch.Tensor,
@@ -319,7 +331,7 @@ def _nmae(totals: Totals, key: str, model: LoadedModel, resid: torch.Tensor, hea
     direct = full[:, None] - ablated
     dla = (centred(heads) * u[:, None]).sum(-1) / scale(x)[:, None]
     err, ref = (dla - direct).abs().cpu().numpy(), direct.abs().cpu().numpy()
-    q_err, q_ref = _q(err, FINE_BITS), _q(ref, FINE_BITS)
+    q_err, q_ref = quantise(err, FINE_BITS), quantise(ref, FINE_BITS)
     totals.add(key + "nmae_err", q_err.sum(0), FINE_BITS, already_quantised=True)
     totals.add(key + "nmae_ref", q_ref.sum(0), FINE_BITS, already_quantised=True)
     totals.add(key + "nmae_dla", dla.sum(0).cpu().numpy(), WIDE_BITS)

@@ -13,19 +13,12 @@ import json
 import math
 from pathlib import Path
 
-from ..registry import BARONI_2025, HEIMERSHEIM_2024, REGISTRY, parse_spec
+from ..registry import (
+    BARONI_2025, HEIMERSHEIM_2024, PUBLISHED_CE_BARONI, PUBLISHED_CE_HEIMERSHEIM, REGISTRY, parse_spec,
+)
 from .results import StudyResult, to_json
 
-# Published numbers (../shared/reference/PAPERS.md), keyed by (size, kind); kinds: original, ln_control, ln_free.
-_BARONI_CE = {  # corpus -> size -> (original, vanilla, LN-free)
-    "OpenWebText": {"small": (3.1006, 3.0126, 3.0797), "medium": (2.8145, 2.7390, 2.7642),
-                    "large": (2.6623, 2.6240, 2.6384), "xl": (2.5567, 2.4799, 2.5052)},
-    "Pile": {"small": (2.8450, 2.8511, 2.8852), "medium": (2.5163, 2.5752, 2.6579),
-             "large": (2.5320, 2.6233, 2.7504), "xl": (2.4436, 2.4673, 130.22)},
-    "Pile-filtered": {"small": (2.7899, 2.8112, 2.8757), "medium": (2.5390, 2.5724, 2.6352),
-                      "large": (2.4347, 2.5074, 2.5159), "xl": (2.3739, 2.3821, 2.3992)},
-}
-_HEIMERSHEIM_CE = {"OpenWebText": (3.095, 2.989, 3.014), "Pile": (2.856, 2.880, 2.926)}
+# Published numbers (../shared/reference/PAPERS.md); columns: original, ln_control, ln_free.
 _KIND_INDEX = {"original": 0, "ln_control": 1, "ln_free": 2}
 _BARONI_OTHER = {  # (metric, size) -> (original, vanilla, LN-free), None where not published
     ("nmae", "small"): (0.4907, 0.5785, 0.0),
@@ -71,11 +64,11 @@ def published(source: str, revision: str | None, corpus: str) -> dict[str, tuple
     i, out = _KIND_INDEX[known.kind], {}
     name = published_corpus(corpus)
     if known.repo_id == "apollo-research/gpt2_noLN":
-        if name in _HEIMERSHEIM_CE:
-            out["ce"] = (_HEIMERSHEIM_CE[name][i], HEIMERSHEIM_2024)
+        if name in PUBLISHED_CE_HEIMERSHEIM:
+            out["ce"] = (PUBLISHED_CE_HEIMERSHEIM[name][i], HEIMERSHEIM_2024)
         return out
-    if name in _BARONI_CE and known.size in _BARONI_CE[name]:
-        out["ce"] = (_BARONI_CE[name][known.size][i], BARONI_2025)
+    if name in PUBLISHED_CE_BARONI and known.size in PUBLISHED_CE_BARONI[name]:
+        out["ce"] = (PUBLISHED_CE_BARONI[name][known.size][i], BARONI_2025)
     for (metric, size), values in _BARONI_OTHER.items():
         if size == known.size and values[i] is not None:
             out[metric] = (values[i], BARONI_2025)

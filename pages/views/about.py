@@ -3,6 +3,7 @@
 import streamlit as st
 
 import noln_core
+from noln_core.registry import PUBLISHED_CE_BARONI, PUBLISHED_CE_HEIMERSHEIM
 
 st.header("About noLN Explorer")
 st.markdown(
@@ -20,20 +21,17 @@ keeps the final LN's bias as an explicit constant term of every attribution.
 )
 st.subheader("Headline numbers")
 st.markdown("Heimersheim 2024 (GPT-2 small, `apollo-research/gpt2_noLN`), cross-entropy and accuracy:")
+owt, pile = PUBLISHED_CE_HEIMERSHEIM["OpenWebText"], PUBLISHED_CE_HEIMERSHEIM["Pile"]
 st.table({
     "": ["OpenWebText CE", "The Pile CE", "HellaSwag"],
-    "original GPT-2": ["3.095", "2.856", "29.56%"],
-    "fine-tuned with LN": ["2.989", "2.880", "29.82%"],
-    "fine-tuned without LN": ["3.014", "2.926", "29.54%"],
+    "original GPT-2": [f"{owt[0]:.3f}", f"{pile[0]:.3f}", "29.56%"],
+    "fine-tuned with LN": [f"{owt[1]:.3f}", f"{pile[1]:.3f}", "29.82%"],
+    "fine-tuned without LN": [f"{owt[2]:.3f}", f"{pile[2]:.3f}", "29.54%"],
 })
 st.markdown("Baroni et al. 2025, cross-entropy as original / fine-tuned with LN / LN-free:")
-st.table({
-    "model": ["small", "medium", "large", "xl"],
-    "OpenWebText": ["3.1006 / 3.0126 / 3.0797", "2.8145 / 2.7390 / 2.7642", "2.6623 / 2.6240 / 2.6384",
-                    "2.5567 / 2.4799 / 2.5052"],
-    "Pile-filtered": ["2.7899 / 2.8112 / 2.8757", "2.5390 / 2.5724 / 2.6352", "2.4347 / 2.5074 / 2.5159",
-                      "2.3739 / 2.3821 / 2.3992"],
-})
+sizes = list(PUBLISHED_CE_BARONI["OpenWebText"])
+st.table({"model": sizes, **{corpus: [" / ".join(f"{v:.4f}" for v in PUBLISHED_CE_BARONI[corpus][size]) for size in sizes]
+                             for corpus in ("OpenWebText", "Pile-filtered")}})
 st.markdown(
     """
 - **DLA against the true direct effect** (normalised mean absolute error over all heads of GPT-2 small):
