@@ -2,7 +2,7 @@
 
 The layers, lowest first (README, "Design"):
   core      noln_core/*.py (errors, paths, model, tokenizer, checkpoint, divergence, readout, registry, loading,
-            store, compare)
+            store, compare, corpus)
   analyses  noln_core/analyses/
   viz       noln_core/viz/
   training  noln_core/training/

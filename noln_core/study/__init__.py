@@ -7,7 +7,7 @@ dataclasses and the JSON document; ``engine`` runs the pass (resumable, and
 data-parallel under ``accelerate launch``); ``report`` writes the files.
 """
 
-from .corpus import DEMO_CORPUS, Corpus, parse_corpus, text_corpus
+from ..corpus import DEMO_CORPUS, Corpus, parse_corpus, text_corpus
 from .engine import Progress, World, run_study
 from .measure import METRICS, NMAE_TARGETS, Settings
 from .results import ModelStudy, PairStudy, StudyResult, to_json

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import InputError, TokenizerMismatchError
 from ..model import LoadedModel
-from .corpus import Chunks, Corpus, prepare_chunks
+from ..corpus import Chunks, Corpus, prepare_chunks
 from .measure import Settings, measure_batch
 from .results import StudyResult, build_result
 from .stats import Totals

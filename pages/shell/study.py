@@ -23,7 +23,7 @@ import streamlit as st
 from noln_core import InputError, LoadedModel, NolnError
 from noln_core.registry import REGISTRY
 from noln_core.study import METRICS, NMAE_TARGETS, Corpus, Settings, parse_corpus, run_study, text_corpus
-from noln_core.study.corpus import DEMO_CORPUS
+from noln_core.corpus import DEMO_CORPUS
 from noln_core.study.engine import cache_root, default_seq_len, study_key
 from noln_core.tokenizer import decode_utf8
 from pages.shell import cache, limits

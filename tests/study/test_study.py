@@ -12,7 +12,7 @@ from transformers import GPT2LMHeadModel
 
 from noln_core.errors import InputError, TokenizerMismatchError
 from noln_core.study import Settings, run_study, text_corpus, to_json
-from noln_core.study.corpus import parse_corpus
+from noln_core.corpus import parse_corpus
 from noln_core.study.measure import LOSS_BIN
 from noln_core.study.stats import mean_ci
 

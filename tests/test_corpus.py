@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from noln_core.errors import InputError
-from noln_core.study.corpus import Corpus, parse_corpus, prepare_chunks, text_corpus
+from noln_core.corpus import Corpus, parse_corpus, prepare_chunks, text_corpus
 from noln_core.tokenizer import gpt2_tokenizer
 
 EOT = 50256

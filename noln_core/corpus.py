@@ -30,9 +30,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import InputError
-from ..paths import DEMO_DIR
-from ..tokenizer import check_text, decode_utf8
+from .errors import InputError
+from .paths import DEMO_DIR
+from .tokenizer import check_text, decode_utf8
 
 DEMO_CORPUS = "demo"
 """The name of the bundled held-out sample (chapters of the King James Bible the demo models never saw)."""
