@@ -25,6 +25,7 @@ from .loading import load_model
 from .model import DTYPES
 from .study.measure import METRICS, NMAE_TARGETS
 from .study.results import json_safe
+from .training.recipe import PRESETS as PRESET_NAMES
 from .registry import DEFAULT_PAIR, DEMO_PAIR, REGISTRY, default_pair, parse_spec
 from .tokenizer import decode_utf8
 
@@ -153,25 +154,56 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", action="store_true", help="print the full JSON report instead of a summary")
     sub.add_parser("models", help="list the registry of known models")
     rm = sub.add_parser(
-        "remove-ln", help="remove LayerNorm from a GPT-2 checkpoint by fine-tuning (the papers' schedule)",
+        "remove-ln", help="remove LayerNorm from a GPT-2 by fine-tuning (the papers' method; accelerate-ready)",
         description=(
-            "Fine-tune a GPT-2-architecture checkpoint while its LayerNorms are replaced, one by one, by fake LNs with "
-            "frozen standard deviations (ln_2 per layer, then ln_1 Q/K, then ln_1 V, then ln_f), and write the result in "
-            "the published LN-free format (LN weight x1e6/sigma, eps 1e12). Progress bar on stderr, loss log in "
-            "OUT/_training/loss_log.jsonl, checkpoints there every --checkpoint-every steps: rerunning the same command "
-            "resumes."
+            "Fine-tune a GPT-2 while its LayerNorms are replaced, one by one, by fake LNs that divide by a measured, "
+            "then frozen, sigma (ln_2 per layer, then ln_1 Q/K, then ln_1 V, then ln_f), and write the result in the "
+            "published LN-free format (LN weight x1e6/sigma, eps 1e12). --control fine-tunes the same way with every "
+            "LN kept (the papers' 'vanilla' model). Run under `accelerate launch -m noln_core remove-ln ...` for "
+            "several GPUs or nodes (DDP, or FSDP); --batch is the global batch. Loss log in "
+            "OUT/_training/loss_log.jsonl; checkpoints there: rerunning the same command resumes."
         ),
     )
-    rm.add_argument("--base", required=True, metavar="SRC", help="local directory of the GPT-2 checkpoint to fine-tune")
-    rm.add_argument("--data", required=True, metavar="FILE", help="plain-text training data (UTF-8)")
-    rm.add_argument("--out", required=True, metavar="DIR", help="where the LN-free checkpoint is written")
-    rm.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300, as for GPT-2 small)")
-    rm.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
-    rm.add_argument("--block", type=int, default=128, help="tokens per sequence (default 128)")
-    rm.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
-    rm.add_argument("--aux-lambda", type=float, default=0.1, help="weight of the auxiliary loss on the final sigma")
-    rm.add_argument("--seed", type=int, default=0)
+    rm.add_argument("--base", required=True, metavar="SRC[@REV]",
+                    help="the GPT-2 to fine-tune: a local directory, a hub repo id (gpt2, openai-community/gpt2-xl) or "
+                         "demo:gpt2-kjv")
+    rm.add_argument("--data", required=True, metavar="PATH_OR_DATASET",
+                    help="training text: a .txt file, a directory, a .jsonl file, 'demo', or a Hugging Face dataset "
+                         "name[:config] (e.g. openwebtext)")
+    rm.add_argument("--field", default=None, help="JSONL field or dataset column (default text; input_ids if present)")
+    rm.add_argument("--split", default="train", help="dataset split (default train)")
+    rm.add_argument("--eval-data", default=None, metavar="PATH_OR_DATASET",
+                    help="held-out text (default: the last 1%% of the training sequences, at most 1000, held out)")
+    rm.add_argument("--out", required=True, metavar="DIR", help="where the fine-tuned checkpoint is written")
+    rm.add_argument("--preset", choices=list(PRESET_NAMES), default=None,
+                    help="the papers' recipe for this GPT-2 size: schedule, lambda, learning rate, batch and steps")
+    rm.add_argument("--control", action="store_true",
+                    help="fine-tune with every LayerNorm kept (same data, steps, batch and learning rate)")
+    rm.add_argument("--steps", type=int, default=None, help="optimiser steps (default 300, or the preset's)")
+    rm.add_argument("--batch", type=int, default=None,
+                    help="global batch: sequences per step over all processes (default 16, or the preset's)")
+    rm.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1, or the preset's)")
+    rm.add_argument("--micro-batch", type=int, default=None,
+                    help="sequences per forward per process; sets --grad-accum to batch / (micro-batch x processes)")
+    rm.add_argument("--seq-len", "--block", dest="seq_len", type=int, default=None,
+                    help="tokens per sequence (default 1024, or the model's context if shorter)")
+    rm.add_argument("--lr", type=float, default=None, help="peak learning rate (default 6e-4, or the preset's)")
+    rm.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine decay")
+    rm.add_argument("--warmup", type=int, default=None, help="warm-up steps")
+    rm.add_argument("--weight-decay", type=float, default=None,
+                    help="AdamW weight decay on matrices and embeddings (default 0.01; the original used 0.1)")
+    rm.add_argument("--aux-lambda", type=float, default=None,
+                    help="weight of the auxiliary loss on the final sigma (default 0.1, or the preset's; 0 for --control)")
+    rm.add_argument("--momentum", type=float, default=None, help="of the sigma moving average (default 0.9)")
+    rm.add_argument("--start", type=int, default=None, help="step at which layer 0's ln_2 is removed")
+    rm.add_argument("--gaps", default=None, metavar="LN2,QK,V", help="steps between layers in each phase, e.g. 2,2,3")
+    rm.add_argument("--max-tokens", type=int, default=None, help="read at most this many training tokens")
+    rm.add_argument("--eval-every", type=int, default=100, help="held-out evaluation every N steps (0: at the end only)")
     rm.add_argument("--checkpoint-every", type=int, default=50)
+    rm.add_argument("--seed", type=int, default=None)
+    rm.add_argument("--device", default="auto", help="auto, cpu, cuda (accelerate chooses when it launches)")
+    rm.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 mixed precision on GPU with float32 master weights, float32 on CPU")
     st = sub.add_parser(
         "study", help="the papers' corpus metrics for several models, with 95%% intervals (accelerate-ready)",
         description="One pass over a corpus computes, per model: mean CE with a 95% interval over sequences, the "
@@ -224,35 +256,82 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
 
 
+def _gaps(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        gaps = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        gaps = ()
+    if len(gaps) != 3 or min(gaps) < 1:
+        raise InputError(f"--gaps {text!r} must be three positive integers, e.g. 2,2,3")
+    return gaps  # type: ignore[return-value]
+
+
 def _run_remove_ln(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .tokenizer import tokenize
-    from .training.removal import Schedule, TrainConfig, remove_layernorm
+    from .checkpoint import read_config
+    from .corpus import parse_corpus
+    from .loading import locate
+    from .training.recipe import recipe, size_of
+    from .training.removal import finetune
 
-    base = Path(os.path.expanduser(args.base))
-    if not base.is_dir():
-        raise InputError(f"--base {args.base!r} is not a directory: give a local GPT-2 checkpoint")
-    data = Path(os.path.expanduser(args.data))
-    if not data.is_file():
-        raise InputError(f"--data {args.data!r} is not a file: give a plain-text file")
-    model = load_model(str(base), device="cpu")
-    if model.ln_free:
+    for flag in ("steps", "batch", "grad_accum", "micro_batch", "seq_len", "warmup", "max_tokens", "checkpoint_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+    for flag in ("lr", "min_lr", "weight_decay", "aux_lambda"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise InputError(f"--{flag.replace('_', '-')} {value} must not be negative")
+    if args.momentum is not None and not 0 <= args.momentum < 1:
+        raise InputError(f"--momentum {args.momentum} must be in [0, 1)")
+    source, revision = (args.base, None) if os.path.exists(os.path.expanduser(args.base)) else parse_spec(args.base)
+    base = locate(source, revision)
+    config = read_config(base, args.base)
+    if config.ln_free:
         raise InputError(f"{args.base} is already LN-free")
-    text = decode_utf8(data.read_bytes(), f"--data {args.data!r}")
-    tokens = np.array(tokenize(model, text, prepend_bos=False), dtype=np.int64)
-    if len(tokens) < 2 * args.block:
-        raise InputError(f"--data holds {len(tokens)} tokens; at least {2 * args.block} are needed for --block {args.block}")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    overrides = dict(steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr,
+                     warmup=args.warmup, weight_decay=args.weight_decay, aux_lambda=args.aux_lambda,
+                     momentum=args.momentum, start_ln2=args.start, gaps=_gaps(args.gaps), seed=args.seed,
+                     seq_len=args.seq_len)
+    if args.control and args.aux_lambda is None:
+        overrides["aux_lambda"] = 0.0
+    if overrides["seq_len"] is None and not args.preset:
+        overrides["seq_len"] = min(1024, config.n_positions)
+    size = size_of(config.n_layer, config.n_embd)
+    if size and not args.preset:
+        print(f"note: {args.base} has GPT-2 {size}'s shape; --preset {size} runs the papers' recipe", file=sys.stderr)
     try:
-        schedule = Schedule.for_model(model.info.n_layers, args.steps)
+        r = recipe(args.preset, **overrides)
+        if args.micro_batch is not None:
+            if r.batch % (args.micro_batch * processes):
+                raise ValueError(f"--batch {r.batch} is not a multiple of --micro-batch {args.micro_batch} x "
+                                 f"{processes} process(es)")
+            from dataclasses import replace
+
+            r = replace(r, grad_accum=r.batch // (args.micro_batch * processes))
+        if r.seq_len > config.n_positions:
+            raise ValueError(f"--seq-len {r.seq_len} is longer than {args.base}'s context of {config.n_positions}")
+        if r.seq_len < 2:
+            raise ValueError(f"--seq-len {r.seq_len} is too short")
+        if not args.control:
+            r.schedule(config.n_layer)
     except ValueError as err:
         raise InputError(str(err)) from err
-    schedule = Schedule(**{**schedule.__dict__, "aux_lambda": args.aux_lambda})
-    cfg = TrainConfig(steps=args.steps, batch=args.batch, block=min(args.block, model.info.n_ctx), lr=args.lr,
-                      seed=args.seed, checkpoint_every=args.checkpoint_every)
-    out = remove_layernorm(base, tokens, Path(args.out), schedule=schedule, cfg=cfg, progress=_progress(args.steps, "remove LN"))
-    result = load_model(str(out), device="cpu")
-    print(json.dumps({"out": str(out), "ln_free": result.ln_free, "schedule": schedule.__dict__}))
+    corpus = parse_corpus(args.data, args.field, args.split)
+    eval_corpus = parse_corpus(args.eval_data, args.field, args.split) if args.eval_data else None
+    result = finetune(base, corpus, Path(os.path.expanduser(args.out)), r, control=args.control, base_name=args.base,
+                      eval_corpus=eval_corpus, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                      device=args.device, precision=args.precision, max_tokens=args.max_tokens, progress=True,
+                      log=lambda m: print(m, file=sys.stderr))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"out": str(result.out), "kind": "ln_control" if args.control else "ln_free",
+                          "preset": r.preset, "steps": result.steps, "tokens": result.tokens,
+                          "processes": result.processes, "base_eval_loss": result.initial_eval_loss,
+                          "eval_loss": result.eval_loss}))
     return 0
 
 
@@ -363,7 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        if args.command == "remove-ln":
+            print("error: interrupted; the finished steps are saved in OUT/_training: run the same command again to "
+                  "resume", file=sys.stderr)
+        else:
+            print("error: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         print("error: out of memory: use a smaller model, shorter text, or --dtype bfloat16", file=sys.stderr)

@@ -73,7 +73,7 @@ class Corpus:
 
 
 def _path(corpus: Corpus) -> Path:
-    return DEMO_DIR / "heldout.txt" if corpus.kind == "demo" else Path(os.path.expanduser(corpus.source))
+    return DEMO_DIR / "heldout.jsonl" if corpus.kind == "demo" else Path(os.path.expanduser(corpus.source))
 
 
 def _files(corpus: Corpus) -> list[Path]:
@@ -113,8 +113,10 @@ def documents(corpus: Corpus) -> Iterator[str | list[int]]:
     """The corpus's documents in order: strings, or lists of token ids for a pre-tokenised dataset."""
     if corpus.kind == "text":
         yield check_text(corpus.text or "", "the pasted text")
-    elif corpus.kind in ("file", "demo"):
+    elif corpus.kind == "file":
         yield _read_text(_path(corpus))
+    elif corpus.kind == "demo":  # one held-out chapter per line
+        yield from _jsonl(_path(corpus), "text")
     elif corpus.kind == "dir":
         for path in _files(corpus):
             yield _read_text(path)

@@ -167,6 +167,12 @@ def _locate(source: str, revision: str | None, allow_local: bool,
     return directory, repo, revision, commit
 
 
+def locate(source: str, revision: str | None = None) -> Path:
+    """The local directory of a model: a shipped demo, a local directory, or a hub repo (downloaded or cached)."""
+    source, revision = _source_and_revision(source, revision)
+    return _locate(source, revision, allow_local=True)[0]
+
+
 def _source_and_revision(source: str, revision: str | None) -> tuple[str, str | None]:
     if not isinstance(source, str) or not source.strip():
         raise ModelLoadError("no model given: name a hub repo id (e.g. openai-community/gpt2) or a local directory")

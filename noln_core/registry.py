@@ -118,7 +118,7 @@ def _build() -> dict[str, KnownModel]:
 
 
 DEMO_PREFIX = "demo:"
-DEMO_BASE, DEMO_NOLN = "demo:gpt2-kjv", "demo:gpt2-kjv-noLN"
+DEMO_BASE, DEMO_NOLN, DEMO_CONTROL = "demo:gpt2-kjv", "demo:gpt2-kjv-noLN", "demo:gpt2-kjv-ft"
 
 
 def _demo_entries() -> list[KnownModel]:
@@ -128,6 +128,9 @@ def _demo_entries() -> list[KnownModel]:
                    "demo (offline): a 6-layer GPT-2 trained on the King James Bible, with LayerNorm", cite),
         KnownModel(DEMO_NOLN, None, "ln_free", "demo",
                    "demo (offline): its LN-free fine-tune, made with the papers' removal schedule", cite,
+                   control=DEMO_CONTROL, original=DEMO_BASE),
+        KnownModel(DEMO_CONTROL, None, "ln_control", "demo",
+                   "demo (offline): its fine-tune *with* LayerNorm, same data and steps: the control", cite,
                    original=DEMO_BASE),
     ]
 
@@ -140,6 +143,9 @@ DEFAULT_PAIR: tuple[str, str] = ("openai-community/gpt2", f"{GPT2_NOLN}@{GPT2_NO
 
 DEMO_PAIR: tuple[str, str] = (DEMO_BASE, DEMO_NOLN)
 """The embedded offline default, shipped in the repository."""
+
+DEMO_TRIO: tuple[str, str, str] = (DEMO_BASE, DEMO_CONTROL, DEMO_NOLN)
+"""The papers' three columns for the demo: original, fine-tuned with LN, LN-free."""
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

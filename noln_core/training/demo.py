@@ -1,19 +1,26 @@
-"""The embedded offline demo pair: a small GPT-2 trained on the King James Bible, and its LN-free fine-tune.
+"""The embedded offline demo trio: a small GPT-2 trained on the King James Bible, its fine-tune *with* LayerNorm
+(the control) and its LN-free fine-tune.
 
-``python -m noln_core make-demo`` rebuilds both from scratch, seeded:
+``python -m noln_core make-demo`` rebuilds all three from scratch, seeded:
 
 1. the text of the King James Version (public domain) from Debian's
    ``bible-kjv`` / ``bible-kjv-text`` packages (``apt-get install bible-kjv``),
-   one verse a line, chapter headings kept; every 20th chapter is held out;
-2. GPT-2's own tokenizer (shipped as ``noln_core/data/gpt2-tokenizer``);
-3. a 6-layer, d=96 GPT-2 trained from scratch with every LayerNorm live.  Only
+   one document per chapter (its heading, then one verse a line); every 20th
+   chapter is held out;
+2. GPT-2's own tokenizer (shipped as ``noln_core/data/gpt2-tokenizer``), the
+   papers' data convention (documents joined with EOT, consecutive chunks of
+   the full 256-token context, shuffled, no BOS);
+3. a 6-layer, d=56 GPT-2 trained from scratch with every LayerNorm live.  Only
    the ~10k tokens the Bible uses get trained embedding rows; the others are
    zero, which gives them a logit of exactly 0, so the loss is the exact
    full-vocabulary loss at a fifth of the cost (see ``TrainableGPT2``);
-4. its LN-free fine-tune with :func:`noln_core.training.removal.remove_layernorm`;
-5. each model's card (``README.md``) with both held-out losses, measured on the
-   shipped files through :func:`noln_core.load_model`, and sample text.
+4. from it, two fine-tunes of the same steps, batch, data order and learning
+   rate (:func:`noln_core.training.removal.finetune`): one removing every
+   LayerNorm with the papers' method, one keeping them (the control);
+5. each model's card (``README.md``) with the papers' three-column table,
+   measured on the shipped files through :func:`noln_core.load_model`, and samples.
 
+All three are float32 and together stay under 40 MB (:data:`MAX_DEMO_BYTES`).
 The shipped copies live in ``noln_core/data/demo/``.
 """
 
@@ -24,25 +31,39 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..corpus import Corpus, documents, prepare_chunks
 from ..loading import load_model
 from ..paths import DEMO_DIR
 from ..tokenizer import gpt2_tokenizer, tokenize
-from .removal import Schedule, TrainableGPT2, TrainConfig, remove_layernorm, train
+from .model import TrainableGPT2
+from .recipe import recipe
+from .removal import finetune
 
-BASE_NAME, NOLN_NAME = "gpt2-kjv", "gpt2-kjv-noLN"
-DEMO_CONFIG = dict(vocab_size=50257, n_positions=256, n_embd=96, n_layer=6, n_head=4, layer_norm_epsilon=1e-5,
+BASE_NAME, NOLN_NAME, CONTROL_NAME = "gpt2-kjv", "gpt2-kjv-noLN", "gpt2-kjv-ft"
+NAMES = (BASE_NAME, CONTROL_NAME, NOLN_NAME)
+"""The papers' column order: original, fine-tuned with LN, LN-free."""
+DEMO_CONFIG = dict(vocab_size=50257, n_positions=256, n_embd=56, n_layer=6, n_head=4, layer_norm_epsilon=1e-5,
                    eos_token_id=50256, bos_token_id=50256)
 HOLDOUT_EVERY = 20
+HELDOUT_FILE = "heldout.jsonl"
+MAX_DEMO_BYTES = 40_000_000
+"""The three shipped checkpoints together (float32) stay under this."""
+COLUMNS = {
+    BASE_NAME: "original (with LN)",
+    CONTROL_NAME: "fine-tuned with LN",
+    NOLN_NAME: "LN-free",
+}
 
 
-def demo_paths(root: Path = DEMO_DIR) -> tuple[Path, Path]:
-    return root / BASE_NAME, root / NOLN_NAME
+def demo_paths(root: Path = DEMO_DIR) -> tuple[Path, Path, Path]:
+    """``(original, control, LN-free)`` directories."""
+    return root / BASE_NAME, root / CONTROL_NAME, root / NOLN_NAME
 
 
 def kjv_chapters() -> list[tuple[str, list[str]]]:
@@ -73,27 +94,45 @@ def kjv_chapters() -> list[tuple[str, list[str]]]:
     return chapters
 
 
-def corpus_text(chapters, held_out: bool) -> str:
+def write_documents(chapters, held_out: bool, path: Path) -> int:
+    """One JSON line per chapter (``{"text": heading + verses}``); returns the number of chapters."""
     chosen = [c for i, c in enumerate(chapters) if (i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) == held_out]
-    return "\n".join(f"{heading}\n" + "\n".join(verses) for heading, verses in chosen) + "\n"
+    with open(path, "w") as f:
+        for heading, verses in chosen:
+            f.write(json.dumps({"text": f"{heading}\n" + "\n".join(verses) + "\n"}) + "\n")
+    return len(chosen)
 
 
-def tokenize_file(path: Path, tokenizer) -> np.ndarray:
-    return np.array(tokenizer.encode(Path(path).read_text(), add_special_tokens=False).ids, dtype=np.int64)
+def heldout_loss(directory: Path, chunks: np.ndarray, bos: bool = False, batch: int = 16) -> float:
+    """Mean next-token loss of a shipped checkpoint (through ``load_model``) over held-out chunks.
 
-
-def heldout_loss(directory: Path, tokens: np.ndarray, block: int = 128, max_windows: int = 400) -> float:
-    """Mean next-token loss of the shipped checkpoint (through ``load_model``) on held-out windows, BOS first."""
+    ``bos=False`` is the papers' convention (the chunk as it is); ``bos=True``
+    puts EOT first and drops the chunk's last token, as the app's "prepend BOS"
+    does.  Either way every chunk scores ``len - 1`` predictions.
+    """
     model = load_model(str(directory), device="cpu")
-    bos = model.info.bos_token_id
-    starts = range(0, min(len(tokens) - block, max_windows * (block - 1)), block - 1)
-    rows = torch.tensor(np.stack([np.concatenate([[bos], tokens[s:s + block - 1]]) for s in starts]))
-    losses = []
-    for chunk in rows.split(32):
-        logits = model.forward(chunk)
-        lp = logits[:, :-1].log_softmax(-1)
-        losses.append(-lp.gather(-1, chunk[:, 1:, None])[..., 0].mean(-1))
-    return float(torch.cat(losses).mean())
+    rows = torch.from_numpy(np.asarray(chunks, dtype=np.int64))
+    if bos:
+        rows = torch.cat([torch.full((len(rows), 1), model.info.bos_token_id), rows[:, :-1]], 1)
+    total, n = 0.0, 0
+    for part in rows.split(batch):
+        lp = model.forward(part)[:, :-1].log_softmax(-1)
+        nll = -lp.gather(-1, part[:, 1:, None])[..., 0]
+        if bos:
+            nll = nll[:, 1:]  # the prediction made from EOT alone is not one the no-BOS column has
+        total += float(nll.double().sum())
+        n += nll.numel()
+    return total / n
+
+
+def heldout_chunks(root: Path = DEMO_DIR, seq_len: int = 256, work: Path | None = None) -> np.ndarray:
+    """The shipped held-out chapters in the papers' convention: EOT-joined, consecutive ``seq_len`` chunks."""
+    import tempfile
+
+    corpus = Corpus("jsonl", str(root / HELDOUT_FILE), field="text")
+    with tempfile.TemporaryDirectory() as tmp:
+        chunks = prepare_chunks(corpus, gpt2_tokenizer(), Path(work or tmp) / "heldout", seq_len)
+        return np.array(chunks.tokens())
 
 
 def sample(directory: Path, prompt: str, n: int = 40, seed: int = 0, temperature: float = 0.8) -> str:
@@ -107,41 +146,66 @@ def sample(directory: Path, prompt: str, n: int = 40, seed: int = 0, temperature
     return model.tokenizer.decode(ids[1:])
 
 
-def _card(name: str, kind: str, metrics: dict, samples: dict[str, str], schedule: dict | None) -> str:
+def table(metrics: dict) -> list[str]:
+    """The papers' three-column table for the demo (Markdown lines)."""
+    losses = metrics["losses"]
+    cells = lambda key: " | ".join(f"{losses[name][key]:.4f}" for name in NAMES)  # noqa: E731
+    gap = lambda key: losses[NOLN_NAME][key] - losses[CONTROL_NAME][key]  # noqa: E731
+    return [
+        "| held-out chapters, nats per token | original | fine-tuned with LN | LN-free | LN-free − fine-tuned |",
+        "|---|---|---|---|---|",
+        f"| no BOS (the papers' convention) | {cells('no_bos')} | {gap('no_bos'):+.4f} |",
+        f"| BOS first (the app's default) | {cells('bos')} | {gap('bos'):+.4f} |",
+    ]
+
+
+EXPLAIN = [
+    "* **original → fine-tuned with LN** is what the extra training steps alone do (here the fine-tunes see the "
+    "training chapters again, so it falls);",
+    "* **fine-tuned with LN → LN-free** is the cost of removing LayerNorm, the number the papers report "
+    "(+0.025 to +0.067 nats on OpenWebText for GPT-2 small to XL);",
+    "* **original → LN-free** mixes the two, which is why an LN-free model can beat its original without the "
+    "control beside it.",
+]
+
+
+def _card(name: str, metrics: dict, samples: dict[str, str]) -> str:
+    kind = {BASE_NAME: "A GPT-2 with LayerNorm, trained from scratch.",
+            CONTROL_NAME: f"{BASE_NAME} fine-tuned *with* LayerNorm: the control of {NOLN_NAME} (same data, steps, "
+                          "batch, data order and learning rate).",
+            NOLN_NAME: f"The LN-free fine-tune of {BASE_NAME}."}[name]
+    r = metrics["finetune_recipe"]
     lines = [
         f"# {name}", "",
         f"{kind} A demo model of noLN Explorer, small enough to ship in the repository and run offline.", "",
         "## Data", "",
         "The King James Version of the Bible (1611/1769), in the **public domain**, as packaged by Debian "
-        "(`bible-kjv-text`), one verse a line with chapter headings. Every "
-        f"{HOLDOUT_EVERY}th chapter ({metrics['heldout_chapters']} chapters, {metrics['heldout_tokens']:,} tokens) is held "
-        f"out; training uses the other {metrics['train_tokens']:,} tokens.", "",
+        "(`bible-kjv-text`): one document per chapter (its heading, then one verse a line), documents joined with "
+        f"`<|endoftext|>` and cut into chunks of {DEMO_CONFIG['n_positions']} tokens, no BOS, as the papers do. Every "
+        f"{HOLDOUT_EVERY}th chapter ({metrics['heldout_chapters']} chapters, {metrics['heldout_tokens']:,} tokens) is "
+        f"held out (`noln_core/data/demo/{HELDOUT_FILE}`); training uses the other {metrics['train_tokens']:,} tokens.",
+        "",
         "## Model", "",
         f"GPT-2 architecture (`GPT2LMHeadModel`), {DEMO_CONFIG['n_layer']} layers, d_model {DEMO_CONFIG['n_embd']}, "
-        f"{DEMO_CONFIG['n_head']} heads, context {DEMO_CONFIG['n_positions']}, GPT-2's own tokenizer (50,257 tokens; "
-        f"the {metrics['kept_tokens']:,} tokens the corpus uses have trained embeddings, the others are zero). "
-        "Large matrices are stored in float16.", "",
+        f"{DEMO_CONFIG['n_head']} heads, context {DEMO_CONFIG['n_positions']} (trained on full "
+        f"{DEMO_CONFIG['n_positions']}-token windows), GPT-2's own tokenizer (50,257 tokens; the "
+        f"{metrics['kept_tokens']:,} tokens the corpus uses have trained embeddings, the others are zero). float32.", "",
         "## Training", "",
-        f"* From scratch: {metrics['base_steps']} steps of {metrics['batch']} × {metrics['block']} tokens, AdamW, lr "
-        f"{metrics['base_lr']}, cosine decay, seed {metrics['seed']}.",
-        f"* LayerNorm removal: {metrics['removal_steps']} further steps with the papers' schedule (fake LNs with frozen "
-        "standard deviations, removed ln_2 → ln_1 Q/K → ln_1 V → ln_f, position 0 and EOT on their own σ until late, "
-        "an auxiliary loss on the final σ) — see `noln_core/training/removal.py`.",
-    ]
-    if schedule:
-        lines.append(f"* Schedule: `{json.dumps(schedule)}`.")
-    lines += [
+        f"* From scratch: {metrics['base_steps']} steps of {metrics['batch']} × {DEMO_CONFIG['n_positions']} tokens, "
+        f"AdamW, lr {metrics['base_lr']}, cosine decay, seed {metrics['seed']}.",
+        f"* Then two fine-tunes of {r['steps']} steps × {r['batch']} sequences, lr {r['lr']:g} → {r['min_lr']:g}, "
+        "the same data order: the LN-free one with the papers' removal method (fake LNs with frozen σ, removed "
+        "ln_2 → ln_1 Q/K → ln_1 V → ln_f, EOT's and position 0's own σ until shortly after, the auxiliary loss on "
+        "the final σ; `noln_core/training/removal.py`), the control with every LN kept.",
+        f"* Removal schedule: {metrics['schedule']}.",
         f"* Built with `python -m noln_core make-demo --seed {metrics['seed']}` in {metrics['build_minutes']:.0f} "
         "minutes on 2 CPU cores.", "",
-        "## Held-out loss (nats per token, measured on the shipped files)", "",
-        "| model | held-out loss |", "|---|---|",
-        f"| {BASE_NAME} (with LayerNorm) | {metrics['base_loss']:.4f} |",
-        f"| {NOLN_NAME} (LN-free) | {metrics['noln_loss']:.4f} |",
-        f"| gap (LN-free − with LN) | {metrics['noln_loss'] - metrics['base_loss']:+.4f} |", "",
-        f"The LN-free model trained {metrics['removal_steps']} steps more than the base model (the removal fine-tune), "
-        "which is why it can come out ahead; the papers separate that effect with a control fine-tuned with LN for the "
-        "same steps.", "",
-        "## Samples (temperature 0.8, seed 0)", "",
+        "## Held-out loss: the papers' three columns", "",
+        *table(metrics), "",
+        "Measured on the shipped files through `noln_core.load_model`, over "
+        f"{metrics['heldout_chunks']} chunks of {DEMO_CONFIG['n_positions']} tokens. What the gaps mean:", "",
+        *EXPLAIN, "",
+        "## Samples (temperature 0.8, seed 0, BOS first)", "",
     ]
     for prompt, text in samples.items():
         lines += [f"**{prompt}** → {text!r}", ""]
@@ -150,55 +214,69 @@ def _card(name: str, kind: str, metrics: dict, samples: dict[str, str], schedule
     return "\n".join(lines) + "\n"
 
 
-def build(out: Path = DEMO_DIR, seed: int = 0, steps: int = 1500, removal_steps: int = 600, batch: int = 16,
-          block: int = 128, work: Path | None = None, progress=None, log=print) -> dict:
-    """Rebuild the demo pair into ``out`` (see the module docstring); returns the measured metrics."""
+def build(out: Path = DEMO_DIR, seed: int = 0, steps: int = 1500, finetune_steps: int = 600, batch: int = 8,
+          work: Path | None = None, log=print) -> dict:
+    """Rebuild the demo trio into ``out`` (see the module docstring); returns the measured metrics."""
     started = time.time()
     out = Path(out)
     work = Path(work) if work else out / "_work"
     work.mkdir(parents=True, exist_ok=True)
     chapters = kjv_chapters()
-    (work / "train.txt").write_text(corpus_text(chapters, held_out=False))
-    (work / "heldout.txt").write_text(corpus_text(chapters, held_out=True))
+    n_held = write_documents(chapters, True, work / HELDOUT_FILE)
+    write_documents(chapters, False, work / "train.jsonl")
+    train_corpus = Corpus("jsonl", str(work / "train.jsonl"), field="text")
+    seq = DEMO_CONFIG["n_positions"]
     tok = gpt2_tokenizer()
-    train_tokens, heldout_tokens = tokenize_file(work / "train.txt", tok), tokenize_file(work / "heldout.txt", tok)
-    log(f"corpus: {len(train_tokens):,} training tokens, {len(heldout_tokens):,} held out")
+    train_ids = np.concatenate([tok.encode(doc, add_special_tokens=False).ids + [50256]
+                                for doc in documents(train_corpus)]).astype(np.int64)
+    keep = torch.unique(torch.from_numpy(train_ids))
 
-    base_dir, noln_dir = demo_paths(out)
-    keep = torch.unique(torch.cat([torch.from_numpy(train_tokens), torch.tensor([DEMO_CONFIG["eos_token_id"]])]))
+    init = work / "init"
     model = TrainableGPT2(DEMO_CONFIG, keep=keep)
     model.init_weights(seed)
-    cfg = TrainConfig(steps=steps, batch=batch, block=block, lr=2e-3, warmup=50, seed=seed, checkpoint_every=100)
-    train(model, train_tokens, cfg, work / "base", progress=progress(steps, "train from scratch") if progress else None)
-    model.save_pretrained(base_dir, ln_free=False)  # no tokenizer files: load_model uses the bundled GPT-2 one
-    log(f"base model written to {base_dir}")
+    model.save_pretrained(init, ln_free=False)
+    scratch = recipe(steps=steps, batch=batch, seq_len=seq, lr=2e-3, min_lr=2e-4, warmup=50, weight_decay=0.1,
+                     betas=(0.9, 0.95), aux_lambda=0.0, seed=seed)
+    log("training the original from scratch")
+    heldout_corpus = Corpus("jsonl", str(work / HELDOUT_FILE), field="text")
+    base_run = finetune(init, train_corpus, work / BASE_NAME, scratch, control=True, base_name="random init",
+                        eval_corpus=heldout_corpus, eval_every=250, checkpoint_every=100, device="cpu", progress=True,
+                        log=log)
+    base_dir, control_dir, noln_dir = demo_paths(out)
+    tuned = recipe(steps=finetune_steps, batch=batch, seq_len=seq, lr=6e-4, warmup=10, seed=seed + 1)
+    runs = {BASE_NAME: base_run}
+    _ship(work / BASE_NAME, base_dir, with_recipe=False)  # its removal.json would describe a fine-tune
+    for name, control in ((NOLN_NAME, False), (CONTROL_NAME, True)):
+        log(f"fine-tuning {name}")
+        r = tuned if not control else replace(tuned, aux_lambda=0.0)
+        runs[name] = finetune(base_dir, train_corpus, work / name, r, control=control, base_name=BASE_NAME,
+                              eval_corpus=heldout_corpus, eval_every=100, checkpoint_every=100, device="cpu", progress=True, log=log)
+        _ship(work / name, out / name)
+    shutil.copy(work / HELDOUT_FILE, out / HELDOUT_FILE)  # public domain; lets the tests re-measure the cards
 
-    removal_cfg = TrainConfig(steps=removal_steps, batch=batch, block=block, lr=6e-4, warmup=10, seed=seed + 1,
-                              checkpoint_every=100)
-    schedule = Schedule.for_model(DEMO_CONFIG["n_layer"], removal_steps)
-    remove_layernorm(base_dir, train_tokens, work / "noln", schedule=schedule, cfg=removal_cfg,
-                     progress=progress(removal_steps, "remove LayerNorm") if progress else None)
-    if noln_dir.exists():
-        shutil.rmtree(noln_dir)
-    noln_dir.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "removal_schedule.json"):
-        shutil.copy(work / "noln" / name, noln_dir / name)
-    shutil.copy(work / "heldout.txt", out / "heldout.txt")  # public domain; lets the tests re-measure the cards
-    log(f"LN-free model written to {noln_dir}")
-
+    held = heldout_chunks(out, seq, work)
     metrics = {
-        "seed": seed, "base_steps": steps, "removal_steps": removal_steps, "batch": batch, "block": block,
-        "base_lr": cfg.lr, "train_tokens": int(len(train_tokens)), "heldout_tokens": int(len(heldout_tokens)),
-        "heldout_chapters": sum(1 for i in range(len(chapters)) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1),
-        "kept_tokens": int(len(keep)),
-        "base_loss": heldout_loss(base_dir, heldout_tokens, block), "noln_loss": heldout_loss(noln_dir, heldout_tokens, block),
+        "seed": seed, "base_steps": steps, "batch": batch, "base_lr": scratch.lr,
+        "finetune_recipe": tuned.to_dict(), "schedule": runs[NOLN_NAME].schedule.describe(),
+        "train_tokens": int(len(train_ids)), "heldout_tokens": int(held.size), "heldout_chunks": int(len(held)),
+        "heldout_chapters": n_held, "kept_tokens": int(len(keep)),
+        "losses": {name: {"no_bos": heldout_loss(out / name, held), "bos": heldout_loss(out / name, held, bos=True)}
+                   for name in NAMES},
         "build_minutes": (time.time() - started) / 60,
     }
     prompts = ["In the beginning", "And Jesus said unto them,", "Abraham begat Isaac; and Isaac begat"]
-    for directory, name, kind, sched in ((base_dir, BASE_NAME, "A GPT-2 with LayerNorm.", None),
-                                         (noln_dir, NOLN_NAME, f"The LN-free fine-tune of {BASE_NAME}.", asdict(schedule))):
-        samples = {p: sample(directory, p, seed=0) for p in prompts}
-        (directory / "README.md").write_text(_card(name, kind, metrics, samples, sched))
-        (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for name in NAMES:
+        samples = {p: sample(out / name, p, seed=0) for p in prompts}
+        (out / name / "README.md").write_text(_card(name, metrics, samples))
+        (out / name / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _ship(trained: Path, target: Path, with_recipe: bool = True) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors") + (("removal.json",) if with_recipe else ()):
+        if (trained / name).exists():
+            shutil.copy(trained / name, target / name)

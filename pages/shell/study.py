@@ -144,7 +144,7 @@ def _corpus_input() -> Corpus | None:
         st.session_state["w_study_source"] = "demo"
     source = st.radio("Corpus", options, format_func=SOURCES.get, key="w_study_source", horizontal=True)
     if source == "demo":
-        st.caption("Chapters of the King James Bible the demo models never saw (noln_core/data/demo/heldout.txt).")
+        st.caption("Chapters of the King James Bible the demo models never saw (noln_core/data/demo/heldout.jsonl, one chapter a line).")
         return Corpus("demo", DEMO_CORPUS)
     if source == "text":
         text = st.text_area("Text (one document)", key="w_study_text", height=150, max_chars=200_000)
