@@ -18,3 +18,6 @@ timeout 200 python3 -m bench.run --device cuda --dtype float32 --no-app --out "$
 timeout 150 python3 -m bench.run --device cuda --dtype bfloat16 --no-app --out "$OUT/bench_bfloat16.md" 2>&1 | grep -v Loading | tail -20
 # 3. The study: throughput against HF forwards and peak host memory, on the GPU.
 timeout 200 python3 -m bench.study --device cuda --batches 4 --repeats 3 2>&1 | grep "^|" | tee "$OUT/bench_study.md"
+# 4. LN removal on the GPU: bf16 mixed precision, GPT-2 small's shape (random weights), the small preset's schedule
+#    on a short budget; steps/s and peak memory, and the result loads LN-free. (FSDP needs 2+ GPUs: not run on one.)
+timeout 300 python3 -m bench.removal --device cuda --out "$OUT/bench_removal.md" 2>&1 | tail -20

@@ -241,19 +241,17 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--restart", action="store_true", help="discard saved state and start over")
     st.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (accelerate chooses when it launches)")
     st.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    demo = sub.add_parser("make-demo", help="rebuild the offline demo pair (GPT-2 on the King James Bible, and its LN-free fine-tune)",
-                          description="Seeded rebuild of noln_core/data/demo (needs Debian's bible-kjv for the text).")
+    demo = sub.add_parser("make-demo", help="rebuild the offline demo trio (GPT-2 on the King James Bible, its fine-tune "
+                                            "with LN and its LN-free fine-tune)",
+                          description="Seeded rebuild of noln_core/data/demo (needs Debian's bible-kjv for the text): "
+                                      "the original, then two fine-tunes of the same steps and data, one with LN (the "
+                                      "control), one removing it; the cards get the papers' three-column table.")
     demo.add_argument("--out", default=None, help="output directory (default: the shipped noln_core/data/demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=int, default=1500, help="training steps from scratch")
-    demo.add_argument("--removal-steps", type=int, default=600, help="LayerNorm-removal fine-tuning steps")
+    demo.add_argument("--finetune-steps", "--removal-steps", dest="finetune_steps", type=int, default=600,
+                      help="steps of each fine-tune (LN removal, and the control with LN)")
     return parser
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
 
 
 def _gaps(text: str | None) -> tuple[int, int, int] | None:
@@ -401,7 +399,7 @@ def _run_make_demo(args: argparse.Namespace) -> int:
 
     try:
         demo.build(Path(args.out) if args.out else DEMO_DIR, seed=args.seed, steps=args.steps,
-                   removal_steps=args.removal_steps, progress=_progress, log=lambda m: print(m, file=sys.stderr))
+                   finetune_steps=args.finetune_steps, log=lambda m: print(m, file=sys.stderr))
     except RuntimeError as err:
         raise InputError(str(err)) from err
     return 0

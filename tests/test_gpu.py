@@ -85,3 +85,30 @@ def test_a_study_on_the_device_equals_one_on_the_cpu(models, ln_dir, noln_dir, t
         assert a.sink_rate["papers"].mean == pytest.approx(b.sink_rate["papers"].mean, abs=1e-3)
     assert here.models[1].nmae.mean < 1e-6
     assert here.pairs[0].kl_ab.mean == pytest.approx(cpu.pairs[0].kl_ab.mean, abs=1e-4)
+
+
+def test_removal_on_the_device_equals_the_cpu_and_mixed_precision_trains(ln_dir, tmp_path):
+    """remove-ln on DEVICE in float32 gives the CPU's loss log; bf16 mixed precision (float32 master weights) trains
+    to an LN-free, exact model."""
+    import json
+
+    from noln_core.corpus import text_corpus
+    from noln_core.training.recipe import recipe
+    from noln_core.training.removal import finetune
+
+    r = recipe(steps=12, batch=4, seq_len=32, lr=2e-4, warmup=2)
+    corpus = text_corpus(" ".join(PROMPTS * 40))
+    logs = {}
+    for name, device, precision in (("cpu", "cpu", "fp32"), ("dev", DEVICE, "fp32"), ("bf16", DEVICE, "bf16")):
+        if precision == "bf16" and DEVICE == "cpu":
+            continue  # bf16 autocast is the GPU recipe
+        finetune(ln_dir, corpus, tmp_path / name, r, eval_every=0, device=device, precision=precision)
+        logs[name] = [json.loads(x) for x in (tmp_path / name / "_training" / "loss_log.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in logs["dev"]] == pytest.approx([e["loss"] for e in logs["cpu"]], abs=1e-4)
+    if "bf16" in logs:
+        assert json.loads((tmp_path / "bf16" / "removal.json").read_text())["distributed"]["mixed_precision"] == "bf16"
+        assert all(np.isfinite(e["loss"]) for e in logs["bf16"])
+        model = load_model(str(tmp_path / "bf16"), device=DEVICE)
+        assert model.ln_free
+        dla = direct_logit_attribution(compare(model, PROMPTS[0], " Mary", " John"))[0]
+        assert dla.exact and dla.error <= exactness_tolerance(dla.logit_diff)

@@ -49,7 +49,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from ..corpus import Corpus
 from .model import TrainableGPT2
@@ -87,7 +86,7 @@ def export(base: Path, state: dict, result: RunResult, base_name: str, corpus: C
         "schedule": asdict(result.schedule) if result.schedule else None,
         "sigma": {name: {"sigma": float(ln.sigma), "sigma_bos": float(ln.sigma_bos)} for name, ln in model.layer_norms()}
         if not result.control else None,
-        "processes": result.processes, "steps": result.steps, "tokens": result.tokens,
+        "processes": result.processes, "distributed": result.extra.get("distributed"), "steps": result.steps, "tokens": result.tokens,
         "train_sequences": result.train_sequences, "eval_sequences": result.eval_sequences,
         "final_train_loss": result.final_loss, "eval_loss": result.eval_loss,
         "base_eval_loss": result.initial_eval_loss, "seconds": round(result.seconds, 1),

@@ -353,6 +353,9 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
                        final_loss=float(np.mean(recent)) if recent else float("nan"), eval_loss=eval_loss,
                        initial_eval_loss=initial_eval, eval_sequences=len(held), train_sequences=n_train,
                        seconds=time.time() - started, log_path=log_path)
+    sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
+    result.extra["distributed"] = {"type": str(accelerator.distributed_type.value), "sharded_parameters": sharded,
+                                   "mixed_precision": str(accelerator.mixed_precision)}
     result.extra["state_dict"] = accelerator.get_state_dict(model)
     result.extra["accelerator"] = accelerator
     return result

@@ -50,17 +50,23 @@ def one_process(tmp_path_factory, ln_dir, data):
 
 
 def test_two_processes_equal_one(one_process, ln_dir, data, tmp_path):
-    """``accelerate launch`` (2 processes, gloo on the CPU), same global batch: same loss log, same weights, to 1e-5."""
+    """``accelerate launch`` (2 processes, gloo on the CPU), same global batch: same loss log, same weights, to 1e-5.
+
+    (FSDP cannot be tested here: accelerate turns ``--use_fsdp`` on only with accelerators, and a CPU launch
+    with it runs plain DDP; ``bench/gpu_check.sh`` runs the FSDP launch where a GPU is lent.)
+    """
     accelerate = shutil.which("accelerate")
     assert accelerate, "accelerate is a requirement"
     out = tmp_path / "two"
     proc = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "noln_core", "remove-ln", "--base", str(ln_dir), "--data", str(data),
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "noln_core", "remove-ln", "--base", str(ln_dir), "--data", str(data),
          "--out", str(out), *ARGS],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["processes"] == 2
+    distributed = json.loads((out / "removal.json").read_text())["distributed"]
+    assert distributed["type"] == "MULTI_CPU" and distributed["sharded_parameters"] == 0
     one, two = log_of(one_process), log_of(out)
     assert [e["processes"] for e in two] == [2] * 12 and [e["processes"] for e in one] == [1] * 12
     assert [e["step"] for e in two] == [e["step"] for e in one] and [e["removed"] for e in two] == [e["removed"] for e in one]
