@@ -169,6 +169,12 @@ EXPLAIN = [
 ]
 
 
+def shipped_metrics(root: Path = DEMO_DIR) -> dict | None:
+    """The metrics the shipped trio was built with (``metrics.json``), or None if the demo is not there."""
+    path = root / NOLN_NAME / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _card(name: str, metrics: dict, samples: dict[str, str]) -> str:
     kind = {BASE_NAME: "A GPT-2 with LayerNorm, trained from scratch.",
             CONTROL_NAME: f"{BASE_NAME} fine-tuned *with* LayerNorm: the control of {NOLN_NAME} (same data, steps, "

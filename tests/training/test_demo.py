@@ -1,4 +1,4 @@
-"""The shipped offline demo pair: small enough, LN-free where it says so, exact, the default without a hub."""
+"""The shipped offline demo trio: small enough, float32, each what it says it is, its cards' numbers re-measured."""
 
 from __future__ import annotations
 
@@ -8,59 +8,104 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
 from streamlit.testing.v1 import AppTest
 
 from noln_core import compare, direct_logit_attribution, load_model, registry
 from noln_core.analyses import exactness_tolerance
-from noln_core.paths import DEMO_DIR
-from noln_core.training.demo import demo_paths, heldout_loss, tokenize_file
+from noln_core.training.demo import (
+    BASE_NAME, CONTROL_NAME, MAX_DEMO_BYTES, NAMES, NOLN_NAME, demo_paths, heldout_chunks, heldout_loss,
+    shipped_metrics,
+)
 from pages.shell.links import PRESETS
 
-BASE, NOLN = demo_paths()
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
+BASE, CONTROL, NOLN = demo_paths()
+ROOT = Path(__file__).resolve().parents[2]
+APP = str(ROOT / "app.py")
+METRICS = shipped_metrics()
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return load_model(registry.DEMO_BASE, device="cpu"), load_model(registry.DEMO_NOLN, device="cpu")
+def trio():
+    return {spec: load_model(spec, device="cpu") for spec in registry.DEMO_TRIO}
 
 
-def test_shipped_weights_fit_the_budget():
-    sizes = [(d / "model.safetensors").stat().st_size for d in (BASE, NOLN)]
-    assert sum(sizes) <= 25 * 2**20
+@pytest.fixture(scope="module")
+def held():
+    return heldout_chunks()
 
 
-def test_demo_models_load_by_name(pair):
-    base, noln = pair
-    assert not base.ln_free and noln.ln_free
+def test_shipped_trio_is_float32_and_fits_the_budget():
+    total = 0
+    for directory in (BASE, CONTROL, NOLN):
+        total += sum(f.stat().st_size for f in directory.iterdir())
+        with safe_open(directory / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert total <= MAX_DEMO_BYTES == 40_000_000
+
+
+def test_demo_models_load_by_name_and_are_what_they_say(trio):
+    base, control, noln = (trio[s] for s in registry.DEMO_TRIO)
+    assert not base.ln_free and not control.ln_free and noln.ln_free
     assert noln.info.eps == 1e12 and json.loads((NOLN / "config.json").read_text())["layer_norm_epsilon"] == 1e12
+    assert control.info.eps == pytest.approx(1e-5)
     assert not [n for n in noln.hook_names() if any(part.startswith("ln") for part in n.split("."))]
+    assert any(part.startswith("ln") for n in control.hook_names() for part in n.split("."))
+    assert registry.REGISTRY[registry.DEMO_NOLN].control == registry.DEMO_CONTROL
+    assert registry.REGISTRY[registry.DEMO_CONTROL].kind == "ln_control"
+    recipes = [json.loads((d / "removal.json").read_text()) for d in (CONTROL, NOLN)]
+    same = ("steps", "batch", "lr", "min_lr", "seed", "seq_len", "warmup")
+    assert [r["recipe"][k] for k in same for r in recipes[:1]] == [recipes[1]["recipe"][k] for k in same]
+    assert recipes[0]["kind"] == "ln_control" and recipes[1]["kind"] == "ln_free"
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
-def test_presets_work_on_the_demo_pair_and_ln_free_dla_is_exact(pair, preset):
-    result = compare(list(pair), preset.text, preset.answer, preset.counterfactual)
+def test_presets_work_on_the_demo_and_ln_free_dla_is_exact(trio, preset):
+    result = compare([trio[registry.DEMO_BASE], trio[registry.DEMO_NOLN]], preset.text, preset.answer,
+                     preset.counterfactual)
     dla = direct_logit_attribution(result)
     assert dla[1].exact and dla[1].error <= exactness_tolerance(dla[1].logit_diff)
     assert np.isfinite(dla[0].error)
 
 
-def test_model_cards_report_the_shipped_models_losses():
-    heldout = DEMO_DIR / "heldout.txt"
-    from noln_core.tokenizer import gpt2_tokenizer
+def test_the_declared_window_was_trained(trio, held):
+    """Positions 128-255 were untrained in the old demo (loss rose by 0.4-0.7 there); now no late position is worse."""
+    rows = torch.from_numpy(np.asarray(held[:64], dtype=np.int64))
+    assert rows.shape[1] == trio[registry.DEMO_BASE].info.n_ctx == 256
+    for model in trio.values():
+        lp = model.forward(rows)[:, :-1].log_softmax(-1)
+        nll = -lp.gather(-1, rows[:, 1:, None])[..., 0].mean(0)
+        assert nll[128:].mean() <= nll[64:128].mean() + 0.05, model.info.name
 
-    tokens = tokenize_file(heldout, gpt2_tokenizer())
-    for directory in (BASE, NOLN):
-        card = (directory / "README.md").read_text()
-        metrics = json.loads((directory / "metrics.json").read_text())
+
+def test_cards_and_readme_report_the_shipped_models_losses(held):
+    losses = METRICS["losses"]
+    assert METRICS["heldout_chunks"] == len(held) and METRICS["heldout_tokens"] == held.size
+    for name in NAMES:
+        for key, bos in (("no_bos", False), ("bos", True)):
+            assert heldout_loss(ROOT / "noln_core/data/demo" / name, held, bos=bos) == pytest.approx(
+                losses[name][key], abs=1e-4)
+        card = (ROOT / "noln_core/data/demo" / name / "README.md").read_text()
         assert "public domain" in card and "King James" in card and "## Samples" in card
-        assert f"{metrics['base_loss']:.4f}" in card and f"{metrics['noln_loss']:.4f}" in card
-        gap = re.search(r"gap \(LN-free − with LN\) \| ([+-][0-9.]+)", card).group(1)
-        assert float(gap) == pytest.approx(metrics["noln_loss"] - metrics["base_loss"], abs=1e-4)
-    metrics = json.loads((BASE / "metrics.json").read_text())
-    assert metrics["heldout_tokens"] == len(tokens)
-    assert abs(heldout_loss(BASE, tokens, metrics["block"]) - metrics["base_loss"]) < 1e-3
-    assert abs(heldout_loss(NOLN, tokens, metrics["block"]) - metrics["noln_loss"]) < 1e-3
+        assert "fine-tuned with LN" in card and "LN-free" in card
+    readme = (ROOT / "README.md").read_text()
+    for label, key in (("no BOS (the papers' convention)", "no_bos"), ("BOS first (the app's default)", "bos")):
+        row = re.search(rf"\| {re.escape(label)} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([+−-][0-9.]+) \|", readme)
+        assert row, label
+        assert [float(x) for x in row.groups()[:3]] == [round(losses[n][key], 4) for n in NAMES]
+        card = (NOLN / "README.md").read_text()
+        assert row.group(0) in card
+
+
+def test_the_cards_no_bos_column_is_the_studys_cross_entropy(trio):
+    """The papers' convention, measured two ways: the card's number is what the study engine gives on ``demo``."""
+    from noln_core.study import Settings, parse_corpus, run_study
+
+    models = [trio[registry.DEMO_BASE], trio[registry.DEMO_NOLN]]
+    result = run_study(models, parse_corpus("demo"), seq_len=256, batch=16, settings=Settings(metrics=("ce",)))
+    for model, name in zip(result.models, (BASE_NAME, NOLN_NAME)):
+        assert model.ce.mean == pytest.approx(METRICS["losses"][name]["no_bos"], abs=1e-4)
 
 
 @pytest.mark.parametrize("hub_answers", [False, True])
@@ -90,7 +135,7 @@ def test_cli_defaults_to_the_demo_pair_offline(capsys):
     assert [m["ln_free"] for m in doc["models"]] == [False, True]
 
 
-def test_app_starts_on_the_demo_pair_offline(monkeypatch):
+def test_app_starts_on_the_demo_pair_and_its_third_model_is_the_control(monkeypatch):
     monkeypatch.delenv("NOLN_DEFAULT_MODELS", raising=False)
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()
@@ -99,3 +144,17 @@ def test_app_starts_on_the_demo_pair_offline(monkeypatch):
     assert any("gpt2-kjv" in m.label for m in at.metric)
     label = at.sidebar.selectbox(key="w_model_a")
     assert label.format_func(label.value).startswith("demo (offline)")
+    at.sidebar.checkbox(key="w_add_c").check().run()
+    assert not at.exception and not at.error
+    assert at.query_params["model_c"] == registry.DEMO_CONTROL
+    assert len([m for m in at.metric if m.label.startswith("Mean loss")]) == 3
+
+
+def test_about_page_shows_the_demo_table_and_what_the_gaps_mean(monkeypatch):
+    monkeypatch.delenv("NOLN_DEFAULT_MODELS", raising=False)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/views/about.py").run()
+    text = "\n".join(m.value for m in at.markdown)
+    assert "fine-tuned with LN → LN-free" in text and "original → fine-tuned with LN" in text
+    assert f"{METRICS['losses'][CONTROL_NAME]['no_bos']:.4f}" in text
