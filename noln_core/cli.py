@@ -25,6 +25,7 @@ from .loading import load_model
 from .model import DTYPES
 from .study.measure import METRICS, NMAE_TARGETS
 from .study.results import json_safe
+from .notebook import VIEWS as NOTEBOOK_VIEWS
 from .training.recipe import PRESETS as PRESET_NAMES
 from .registry import DEFAULT_PAIR, DEMO_PAIR, REGISTRY, default_pair, parse_spec
 from .tokenizer import decode_utf8
@@ -241,6 +242,21 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--restart", action="store_true", help="discard saved state and start over")
     st.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (accelerate chooses when it launches)")
     st.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    nb = sub.add_parser(
+        "notebook", help="write a Jupyter notebook (or .py script) that reproduces a view with noln_core",
+        description="The notebook loads the models, runs the text as the app does, calls the page's analyses, draws "
+                    "its figures and prints the view's numbers as JSON (the names `compare --json` uses).")
+    nb.add_argument("--model", action="append", metavar="SRC[@REV]", help="a model (repeat; default: the default pair)")
+    nb.add_argument("--text", required=True)
+    nb.add_argument("--answer", default=None)
+    nb.add_argument("--counterfactual", default=None)
+    nb.add_argument("--position", type=int, default=None, help="token index (default: the last)")
+    nb.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|>")
+    nb.add_argument("--page", default="overview", choices=list(NOTEBOOK_VIEWS), help="the view (default overview)")
+    nb.add_argument("--layer", type=int, default=0, help="attribution: the layer of the head x source heatmap")
+    nb.add_argument("--device", default="cpu")
+    nb.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    nb.add_argument("--out", required=True, metavar="FILE.ipynb|FILE.py")
     demo = sub.add_parser("make-demo", help="rebuild the offline demo trio (GPT-2 on the King James Bible, its fine-tune "
                                             "with LN and its LN-free fine-tune)",
                           description="Seeded rebuild of noln_core/data/demo (needs Debian's bible-kjv for the text): "
@@ -391,6 +407,30 @@ def _run_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_notebook(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .notebook import View, notebook_json, view_script
+
+    out = Path(os.path.expanduser(args.out))
+    if out.suffix not in (".ipynb", ".py"):
+        raise InputError(f"--out {args.out!r} must end in .ipynb (a notebook) or .py (a script)")
+    if not args.text:
+        raise InputError("the text is empty: pass --text 'some words'")
+    view = View(models=tuple(args.model or default_pair()), text=args.text, answer=args.answer,
+                counterfactual=args.counterfactual, position=args.position, bos=not args.no_bos, page=args.page,
+                device=args.device, dtype=args.dtype, options={"layer": args.layer})
+    try:
+        content = notebook_json(view) if out.suffix == ".ipynb" else view_script(view)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    if not out.parent.is_dir():
+        raise InputError(f"no directory {str(out.parent)!r} to write {out.name} into")
+    out.write_text(content)
+    print(str(out))
+    return 0
+
+
 def _run_make_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -431,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "remove-ln":
             return _run_remove_ln(args)
+        if args.command == "notebook":
+            return _run_notebook(args)
         if args.command == "make-demo":
             return _run_make_demo(args)
         if args.command == "study":

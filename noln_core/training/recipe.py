@@ -4,14 +4,11 @@ Numbers are those of ``config.py`` in ``submarat/removing-layer-norm`` (the ``*_
 configurations, which the released ``schaeff/gpt2-*_LNFree*`` models used) and of
 ``shared/reference/PAPERS.md``:
 
-========  ====================  ===========  =====  =======  ===========  ==========  =========  ======
-preset    starts ln_2/qk/v/ln_f  gaps         λ      lr       min lr       warm-up     batch      steps
-========  ====================  ===========  =====  =======  ===========  ==========  =========  ======
-small     20 / 44 / 68 / 104     2 / 2 / 3    0.1    6e-4     3e-4         25          32 × 16    300
-medium    20 / 68 / 116 / 188    2 / 2 / 3    0.1    6e-4     3e-4         10          22 × 23    500
-large     30 / 174 / 318 / 534   4 / 4 / 6    0.03   3e-4     4e-5         15          28 × 18    600
-xl        50 / 242 / 434 / 722   4 / 4 / 6    0.01   1e-4     2e-5         20          18 × 28    800
-========  ====================  ===========  =====  =======  ===========  ==========  =========  ======
+    preset  starts ln_2/qk/v/ln_f  gaps   λ     lr    min lr  warm-up  batch    steps
+    small   20 / 44 / 68 / 104     2/2/3  0.1   6e-4  3e-4    25       32 × 16  300
+    medium  20 / 68 / 116 / 188    2/2/3  0.1   6e-4  3e-4    10       22 × 23  500
+    large   30 / 174 / 318 / 534   4/4/6  0.03  3e-4  4e-5    15       28 × 18  600
+    xl      50 / 242 / 434 / 722   4/4/6  0.01  1e-4  2e-5    20       18 × 28  800
 
 Each phase starts when the previous one has removed every layer
 (``start_qk = start_ln2 + n_layers * gap_ln2``...), EOT's own σ ends 2 steps after
@@ -26,9 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-
-PHASES = ("ln_2", "ln_1.qk", "ln_1.v", "ln_f")
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -91,7 +85,6 @@ class Schedule:
                 f"ln_1 V from {self.start_v} every {self.gap_v}, ln_f at {self.start_lnf}; EOT's own σ ends at "
                 f"{self.end_eot}, position 0's at {self.end_bos}")
 
-
 @dataclass(frozen=True)
 class Recipe:
     """Everything of a run but the model and the data; a preset is one, and explicit flags replace its fields."""
@@ -146,13 +139,11 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
 def _preset(name: str, start: int, gaps: tuple[int, int, int], aux: float, lr: float, min_lr: float, warmup: int,
             micro: int, accum: int, steps: int, decay: int | None = None) -> Recipe:
     return Recipe(steps=steps, batch=micro * accum, grad_accum=accum, seq_len=1024, lr=lr, min_lr=min_lr,
                   warmup=warmup, decay_steps=decay, aux_lambda=aux, momentum=0.9 if name in ("small", "medium")
                   else 0.9 ** (micro / 32), start_ln2=start, gaps=gaps, preset=name)
-
 
 PRESETS: dict[str, Recipe] = {
     "small": _preset("small", 20, (2, 2, 3), 0.1, 6e-4, 3e-4, 25, 32, 16, 300),
@@ -165,10 +156,8 @@ PRESETS: dict[str, Recipe] = {
 SIZES = {"small": (12, 768), "medium": (24, 1024), "large": (36, 1280), "xl": (48, 1600)}
 """``(n_layers, d_model)`` of each GPT-2 size."""
 
-
 def size_of(n_layers: int, d_model: int) -> str | None:
     return next((name for name, shape in SIZES.items() if shape == (n_layers, d_model)), None)
-
 
 def recipe(preset: str | None = None, **overrides) -> Recipe:
     """A preset (or the generic defaults) with ``overrides`` (the flags the user gave; ``None`` ones are ignored)."""

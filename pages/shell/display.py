@@ -7,6 +7,8 @@ import re
 import pandas as pd
 import streamlit as st
 
+from pages.shell.state import state
+
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 _MARKDOWN_ACTIVE = set("\\`*_[]<>$~|:&#")
 WORD_JOINER = "\u2060"
@@ -22,8 +24,39 @@ def md(text: str) -> str:
     return "".join("\\" + ch if ch in _MARKDOWN_ACTIVE else (" " if ch in "\r\n" else ch) for ch in joined)
 
 
+PRESENTATION_FONT = 22
+"""Figure font size in presentation mode (Plotly's default is 12)."""
+PRESENTATION_SCALE = 1.5
+"""Figure height multiplier in presentation mode."""
+_PRESENTATION_CSS = """<style>
+[data-testid="stMain"] { font-size: 1.35rem; }
+[data-testid="stMain"] h1 { font-size: 3rem; }
+[data-testid="stMain"] h2, [data-testid="stMain"] h3 { font-size: 2.2rem; }
+[data-testid="stMetricValue"] { font-size: 2.8rem; }
+</style>"""
+
+
+def presentation_style() -> None:
+    """Larger text for lectures (a fixed style sheet; no user text goes into HTML)."""
+    if state().present:
+        st.html(_PRESENTATION_CSS)
+
+
+def presented(fig):
+    """``fig`` with larger fonts and height when presentation mode is on (a copy; the builder stays pure)."""
+    if not state().present:
+        return fig
+    import plotly.graph_objects as go
+
+    fig = go.Figure(fig)
+    fig.update_layout(font={"size": PRESENTATION_FONT},
+                      height=int((fig.layout.height or 450) * PRESENTATION_SCALE))
+    return fig
+
+
 def figure(fig, name: str, frame: pd.DataFrame | None = None) -> None:
     """Show a Plotly figure (its toolbar saves a PNG) and offer its data as CSV."""
+    fig = presented(fig)
     config = {**PLOT_CONFIG, "toImageButtonOptions": {**PLOT_CONFIG["toImageButtonOptions"], "filename": name}}
     st.plotly_chart(fig, config=config, key=f"fig_{name}")
     if frame is not None:

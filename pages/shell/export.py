@@ -11,7 +11,8 @@ import torch
 
 import noln_core
 from noln_core import RunResult
-from pages.shell.links import share_link
+from noln_core.notebook import VIEWS, View, notebook_json, view_script
+from pages.shell.links import AppState, share_link
 from pages.shell.state import state
 
 
@@ -49,3 +50,31 @@ def share_footer(result: RunResult | None) -> None:
         if result is not None:
             st.download_button("Run manifest (JSON)", json.dumps(manifest(result, link), indent=2),
                                file_name="noln-run-manifest.json", mime="application/json", key="manifest")
+            open_in_python(result)
+
+
+def current_view(result: RunResult, s: AppState) -> View | None:
+    """The view on screen as a :class:`noln_core.notebook.View` (None on pages without a notebook)."""
+    if s.page not in VIEWS:
+        return None
+    return View(models=tuple(m for m in (s.model_a, s.model_b, s.model_c) if m), text=s.text,
+                answer=s.answer or None, counterfactual=s.counterfactual or None, position=result.position,
+                bos=s.bos, page=s.page, device="cpu", dtype=s.dtype, options={"layer": s.attr_layer or 0})
+
+
+def open_in_python(result: RunResult) -> None:
+    """Two downloads: this view as a Jupyter notebook and as a script, reproducing it with noln_core."""
+    view = current_view(result, state())
+    if view is None:
+        return
+    st.subheader("Open this view in Python")
+    try:
+        notebook, script = notebook_json(view), view_script(view)
+    except ValueError as err:  # e.g. the attribution view without an answer
+        st.caption(str(err))
+        return
+    st.caption("A notebook that loads the same models, runs the same text and draws this page's figures.")
+    c1, c2 = st.columns(2)
+    c1.download_button("Notebook", notebook, file_name=f"noln-{view.page}.ipynb", mime="application/x-ipynb+json",
+                       key="notebook_ipynb")
+    c2.download_button("Script", script, file_name=f"noln-{view.page}.py", mime="text/x-python", key="notebook_py")

@@ -69,6 +69,8 @@ class AppState:
     attn_head: int = 0
     norms_first: bool = True
     """Residual-norms page: include the first token."""
+    present: bool = False
+    """Presentation mode: larger text and figures, sidebar collapsed on opening (for lectures)."""
     notes: tuple[str, ...] = field(default=(), compare=False)
     """Why parts of a link were ignored, one line each."""
 
@@ -168,7 +170,7 @@ def parse_query(params, allow_local: bool = True, base: AppState | None = None, 
             changes["position"] = pos
         except ValueError:
             notes.append(f"ignored position {position[:20]!r}: not an integer")
-    for key in ("bos", "norms_first"):
+    for key in ("bos", "norms_first", "present"):
         value = get(key)
         if value is not None:
             if _flag(value) is None:
@@ -207,6 +209,8 @@ def to_query(state: AppState) -> dict[str, str]:
         query["attr_layer"] = str(state.attr_layer)
     query.update({"attn_layer": str(state.attn_layer), "attn_head": str(state.attn_head),
                   "norms_first": "1" if state.norms_first else "0"})
+    if state.present:
+        query["present"] = "1"
     return query
 
 

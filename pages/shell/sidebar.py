@@ -107,6 +107,10 @@ def inputs() -> None:
             set_state(text=text, answer=None, counterfactual=None, position=-1)
         bos = st.checkbox("Prepend <|endoftext|> (BOS)", value=state().bos, key="w_bos")
         set_state(bos=bos)
+        present = st.toggle("Presentation mode", value=state().present, key="w_present",
+                            help="Larger text and figures for a lecture; a link with it opens with the sidebar "
+                                 "collapsed.")
+        set_state(present=present)
 
 
 def _text_upload() -> None:

@@ -1,0 +1,125 @@
+""""Open this view in Python": a Jupyter notebook (or a script) that reproduces one view with ``noln_core``.
+
+:func:`view_notebook` writes the models and revisions, the text, the answer and
+counterfactual, the position and BOS, the analysis calls and the figure of one
+page, then prints the view's numbers as JSON (the same fields, with the same
+names, as ``python -m noln_core compare --json``), so a test (and a reader) can
+check that the notebook shows what the app showed.  No Streamlit, no network
+beyond loading the models: on the demo models it runs offline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+VIEWS = ("overview", "logit-difference", "residual-norms", "attribution", "attention")
+"""The pages a notebook reproduces (the Study and About pages have their own exports)."""
+
+
+@dataclass(frozen=True)
+class View:
+    """What a page shows, as the app's state holds it."""
+
+    models: tuple[str, ...]
+    """Specs as the CLI takes them (``repo@revision``, a local directory, ``demo:...``)."""
+    text: str
+    answer: str | None = None
+    counterfactual: str | None = None
+    position: int | None = None
+    bos: bool = True
+    page: str = "overview"
+    device: str = "cpu"
+    dtype: str = "float32"
+    options: dict = field(default_factory=dict)
+    """Page controls: ``layer`` (attribution source heatmap, attention), ``head`` (attention)."""
+
+
+_ANALYSIS = {
+    "overview": '''nt = next_token(result)
+figures.loss_strip(nt, result.tokens).show()
+if nt.pairs:
+    figures.divergence_chart(nt, result.tokens).show()
+numbers = {"mean_loss": [m.mean_loss for m in nt.models], "agreement": [p.agreement for p in nt.pairs]}''',
+    "logit-difference": '''lens = logit_difference(result)  # None without an answer and a counterfactual
+figures.logit_lens_chart(lens).show()
+numbers = {"logit_diff": [m.value for m in lens.models], "logit_lens": [m.lens for m in lens.models]}''',
+    "residual-norms": '''norms = residual_norms(result)
+figures.norm_heatmaps(norms, result.tokens, True).show()
+numbers = {"first_token_max": [m.first_token_max for m in norms], "resid_norms": [m.hidden for m in norms]}''',
+    "attribution": '''dla = direct_logit_attribution(result)
+effects = head_direct_effects(result)
+figures.dla_components_chart(dla).show()
+figures.head_heatmaps(dla).show()
+figures.head_source_heatmaps(dla, LAYER, result.tokens).show()
+figures.dla_vs_direct_effect(effects).show()
+numbers = {"logit_diff": [d.logit_diff for d in dla], "dla_constant": [d.constant for d in dla],
+           "dla_error": [d.error for d in dla], "direct_effect_nmae": [e.nmae for e in effects]}''',
+    "attention": '''summaries = attention(result)
+figures.sink_heatmaps(summaries).show()
+numbers = {"sink_rate": [s.sink_rate for s in summaries], "sink_rate_papers": [s.sink_rate_papers for s in summaries]}''',
+}
+
+
+def _cells(view: View) -> list[tuple[str, str]]:
+    if view.page not in VIEWS:
+        raise ValueError(f"no notebook for page {view.page!r}: choose from {', '.join(VIEWS)}")
+    if view.page in ("logit-difference", "attribution") and not (view.answer and view.counterfactual):
+        raise ValueError(f"the {view.page} view needs an answer and a counterfactual token")
+    title = view.page.replace("-", " ").capitalize()
+    setup = "\n".join([
+        f"MODELS = {list(view.models)!r}",
+        f"TEXT = {view.text!r}",
+        f"ANSWER, COUNTERFACTUAL = {view.answer!r}, {view.counterfactual!r}",
+        f"POSITION = {-1 if view.position is None else view.position!r}  # -1: the last token",
+        f"PREPEND_BOS = {view.bos!r}",
+        f"LAYER = {int(view.options.get('layer', 0))!r}",
+        f"DEVICE, DTYPE = {view.device!r}, {view.dtype!r}",
+    ])
+    return [
+        ("markdown", f"# noLN Explorer: {title}\n\nThis notebook reproduces the app's *{title}* view with `noln_core` "
+                     "(pip install -r requirements.txt in a checkout of noLN Explorer). The models run exactly as in "
+                     "the app: LN-free checkpoints without any normalisation, so attribution is exact."),
+        ("code", setup),
+        ("code", "import json\n\nfrom noln_core import compare, load_model\n"
+                 "from noln_core.analyses import (attention, direct_logit_attribution, head_direct_effects, "
+                 "logit_difference,\n                                next_token, residual_norms)\n"
+                 "from noln_core.study.results import json_safe\nfrom noln_core.viz import figures\n\n"
+                 "models = [load_model(spec, device=DEVICE, dtype=DTYPE, name=spec) for spec in MODELS]\n"
+                 "result = compare(models, TEXT, ANSWER, COUNTERFACTUAL, POSITION, prepend_bos=PREPEND_BOS)\n"
+                 "print(len(result.tokens), 'tokens; position', result.position, repr(result.tokens[result.position]))"),
+        ("code", _ANALYSIS[view.page]),
+        ("markdown", "The view's numbers, with the names `python -m noln_core compare --json` uses:"),
+        ("code", "print(json.dumps(json_safe(numbers)))"),
+    ]
+
+
+def view_notebook(view: View) -> dict:
+    """The view as an nbformat-4 notebook (a dict, ready for ``json.dump``)."""
+    cells = []
+    for i, (kind, source) in enumerate(_cells(view)):
+        cell = {"cell_type": kind, "id": f"{view.page}-{i}", "metadata": {}, "source": source}
+        if kind == "code":
+            cell.update(execution_count=None, outputs=[])
+        cells.append(cell)
+    return {"nbformat": 4, "nbformat_minor": 5, "cells": cells,
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                         "language_info": {"name": "python"}}}
+
+
+def view_script(view: View) -> str:
+    """The same view as a plain Python script (markdown cells become comments)."""
+    parts, figure = [], 0
+    for kind, source in _cells(view):
+        if kind == "markdown":
+            parts.append("\n".join("# " + line if line else "#" for line in source.splitlines()))
+            continue
+        while ".show()" in source:  # a script writes its figures beside it instead of opening a browser
+            figure += 1
+            source = source.replace(".show()", f'.write_html("{view.page}-figure-{figure}.html")', 1)
+        parts.append(source)
+    return "\n\n".join(parts) + "\n"
+
+
+def notebook_json(view: View) -> str:
+    return json.dumps(view_notebook(view), indent=1, ensure_ascii=False) + "\n"

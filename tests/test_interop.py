@@ -1,0 +1,71 @@
+"""The hand-off: ``to_transformers`` gives an ordinary GPT2LMHeadModel computing exactly the loaded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import PROMPTS
+from noln_core import load_model, tokenize
+from noln_core.interop import FinalScale, to_transformers
+
+
+@pytest.mark.parametrize("which", ["ln_model", "noln_model"])
+def test_log_probs_equal_noln_core(which, request):
+    model = request.getfixturevalue(which)
+    hf = to_transformers(model)
+    assert type(hf).__name__ == "GPT2LMHeadModel" and not hf.training
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # still tied
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenize(model, prompt)])
+        with torch.no_grad():
+            ours = model.forward(ids).log_softmax(-1)
+            theirs = hf(ids).logits.log_softmax(-1)
+        assert torch.allclose(ours, theirs, atol=1e-5), prompt
+
+
+def test_ln_free_model_has_no_normalisation_left(noln_model, ln_model):
+    hf = to_transformers(noln_model)
+    assert all(isinstance(b.ln_1, torch.nn.Identity) and isinstance(b.ln_2, torch.nn.Identity) for b in hf.transformer.h)
+    assert isinstance(hf.transformer.ln_f, FinalScale)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in hf.modules())
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in to_transformers(ln_model).modules())
+    # No epsilon to reset: changing the config's eps changes nothing.
+    hf.config.layer_norm_epsilon = 1e-5
+    ids = torch.tensor([tokenize(noln_model, PROMPTS[0])])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, noln_model.forward(ids), atol=1e-4)
+
+
+def test_nnsight_wraps_it_and_reads_the_residual_stream(noln_dir, tmp_path):
+    """nnsight compiles the body of a trace from its source file, so this runs a script file."""
+    script = tmp_path / "trace.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, torch
+        from transformers import PreTrainedTokenizerFast
+        from nnsight import LanguageModel
+        from noln_core import load_model, to_transformers
+        model = load_model({str(noln_dir)!r}, device="cpu")
+        lm = LanguageModel(to_transformers(model), tokenizer=PreTrainedTokenizerFast(tokenizer_object=model.tokenizer))
+        ids = torch.tensor([[50256, 464, 3290, 318, 257]])
+        with lm.trace(ids):
+            h = lm.transformer.h[1].output.save()
+            logits = lm.lm_head.output.save()
+        h = h[0] if isinstance(h, tuple) else h
+        _, cache = model.run_with_cache(ids, names_filter="blocks.1.hook_resid_post")
+        print(json.dumps({{"resid": (h - cache["blocks.1.hook_resid_post"]).abs().max().item(),
+                          "logits": (logits - model.forward(ids)).abs().max().item()}}))
+    """))
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gaps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert gaps["resid"] < 1e-5 and gaps["logits"] < 1e-4

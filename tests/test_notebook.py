@@ -1,0 +1,84 @@
+""""Open this view in Python": the notebook and script run, offline, and show the numbers the CLI and app show."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+
+from noln_core.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "When Mary and John went to the store, John gave a drink to"
+
+
+def cli_json(capsys, models) -> dict:
+    args = ["compare", "--text", TEXT, "--answer", " Mary", "--counterfactual", " John", "--json", "--device", "cpu"]
+    assert main([*args, *[x for m in models for x in ("--model", m)]]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def run_notebook(path: Path) -> dict:
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    return json.loads(nb.cells[-1].outputs[0]["text"].strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def models(ln_dir, noln_dir):
+    return [str(ln_dir), str(noln_dir)]
+
+
+@pytest.mark.parametrize("page", ["overview", "attribution"])
+def test_cli_notebook_runs_and_equals_compare_json(tmp_path, capsys, models, page):
+    out = tmp_path / f"{page}.ipynb"
+    args = ["notebook", "--text", TEXT, "--answer", " Mary", "--counterfactual", " John", "--page", page,
+            "--out", str(out), *[x for m in models for x in ("--model", m)]]
+    assert main(args) == 0
+    capsys.readouterr()
+    numbers = run_notebook(out)
+    doc = cli_json(capsys, models)
+    if page == "overview":
+        assert numbers["mean_loss"] == pytest.approx([m["mean_loss"] for m in doc["models"]], abs=1e-6)
+        assert numbers["agreement"] == pytest.approx([p["agreement"] for p in doc["pairs"]])
+    else:
+        assert numbers["logit_diff"] == pytest.approx([m["logit_diff"] for m in doc["models"]], abs=1e-6)
+        assert numbers["dla_constant"] == pytest.approx([m["dla"]["constant"] for m in doc["models"]], abs=1e-6)
+        assert numbers["direct_effect_nmae"] == pytest.approx([m["direct_effect_nmae"] for m in doc["models"]],
+                                                             abs=1e-6)
+        assert numbers["dla_error"][1] < 1e-4  # LN-free: exact
+
+
+def test_script_runs_offline_on_the_demo_models_and_writes_its_figures(tmp_path, capsys):
+    out = tmp_path / "view.py"
+    assert main(["notebook", "--model", "demo:gpt2-kjv", "--model", "demo:gpt2-kjv-noLN", "--text", TEXT,
+                 "--page", "residual-norms", "--out", str(out)]) == 0
+    proc = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    numbers = json.loads(proc.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    doc = cli_json(capsys, ["demo:gpt2-kjv", "demo:gpt2-kjv-noLN"])
+    assert np.allclose(numbers["resid_norms"][1], doc["models"][1]["resid_norms"], rtol=1e-5)
+    assert np.allclose(numbers["resid_norms"][0], doc["models"][0]["resid_norms"], rtol=1e-5)
+    assert list(tmp_path.glob("residual-norms-figure-*.html"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "x.txt"], "must end in .ipynb"),
+    (["--page", "attribution"], "needs an answer and a counterfactual"),
+    (["--out", "/nope/x.ipynb"], "no directory"),
+])
+def test_notebook_cli_errors_are_one_line(capsys, tmp_path, args, message):
+    base = {"--text": TEXT, "--out": str(tmp_path / "n.ipynb")}
+    base.update(dict(zip(args[::2], args[1::2])))
+    code = main(["notebook", *[x for kv in base.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
