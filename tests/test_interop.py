@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import PROMPTS
-from noln_core import load_model, tokenize
+from noln_core import tokenize
 from noln_core.interop import FinalScale, to_transformers
 
 
@@ -69,3 +69,25 @@ def test_nnsight_wraps_it_and_reads_the_residual_stream(noln_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     gaps = json.loads(proc.stdout.strip().splitlines()[-1])
     assert gaps["resid"] < 1e-5 and gaps["logits"] < 1e-4
+
+
+def test_transformer_bridge_snippet_of_the_readme(noln_dir, noln_model):
+    """README, "TransformerLens 4": the plain bridge on the published checkpoint is as close as it gets (the eps-1e12
+    trick's deviation); compatibility mode (weight processing) moves further away."""
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = GPT2LMHeadModel.from_pretrained(noln_dir)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=noln_model.tokenizer)
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer)
+    assert bridge.cfg.eps == 1e12  # TransformerLens 4 keeps the trick's eps (older versions reset it to 1e-5)
+    ids = torch.tensor([tokenize(noln_model, PROMPTS[0])])
+    logits, cache = bridge.run_with_cache(ids)
+    exact, ours = noln_model.run_with_cache(ids)
+    plain = ((logits - exact).abs().max() / exact.abs().max()).item()
+    assert plain < 1e-5
+    assert torch.allclose(cache["blocks.1.hook_resid_post"], ours["blocks.1.hook_resid_post"], atol=1e-4)
+    assert "blocks.1.ln1.hook_scale" in cache  # the LN hooks stay, dividing by sqrt(var + 1e12)
+    bridge.enable_compatibility_mode()
+    compat = ((bridge(ids) - exact).abs().max() / exact.abs().max()).item()
+    assert compat > 10 * plain
