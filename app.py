@@ -11,6 +11,7 @@ presenting = st.query_params.get("present") == "1"  # a lecture link opens with 
 st.set_page_config(page_title="noLN Explorer", page_icon=":material/functions:", layout="wide",
                    initial_sidebar_state="collapsed" if presenting else "auto")
 state.init_state()
+state.apply_pending()
 display.presentation_style()
 
 pages = {spec.name: st.Page(spec.script, title=spec.title, icon=spec.icon, url_path=spec.name, default=i == 0)

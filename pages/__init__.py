@@ -38,6 +38,7 @@ class PageSpec:
 
 PAGES: tuple[PageSpec, ...] = (
     PageSpec("overview", "Overview", ":material/insights:"),
+    PageSpec("tour", "Tour", ":material/school:"),
     PageSpec("logit-difference", "Logit difference", ":material/balance:"),
     PageSpec("residual-norms", "Residual norms", ":material/straighten:"),
     PageSpec("attribution", "Attribution", ":material/extension:"),

@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 from noln_core.loading import is_valid_repo_id
 from noln_core.model import DTYPES as MODEL_DTYPES
 from noln_core.registry import REGISTRY, default_pair, parse_spec
+from noln_core.tour import shipped_tours
 from pages import PAGE_NAMES
 from pages.shell.limits import MAX_TEXT_CHARS
 
@@ -71,6 +72,10 @@ class AppState:
     """Residual-norms page: include the first token."""
     present: bool = False
     """Presentation mode: larger text and figures, sidebar collapsed on opening (for lectures)."""
+    tour: str | None = None
+    """Tour page: the shipped tour shown (None: the first shipped one)."""
+    step: int = 1
+    """Tour page: the step shown, from 1."""
     notes: tuple[str, ...] = field(default=(), compare=False)
     """Why parts of a link were ignored, one line each."""
 
@@ -177,6 +182,18 @@ def parse_query(params, allow_local: bool = True, base: AppState | None = None, 
                 notes.append(f"ignored {key}: use 1 or 0")
             else:
                 changes[key] = _flag(value)
+    tour = get("tour")
+    if tour is not None:
+        if tour in shipped_tours():
+            changes["tour"] = tour
+        else:
+            notes.append(f"ignored tour {tour[:40]!r}: the shipped tours are {', '.join(shipped_tours())}")
+    step = get("step")
+    if step is not None:
+        if step.isdigit() and 1 <= int(step) <= MAX_LAYER:
+            changes["step"] = int(step)
+        else:
+            notes.append(f"ignored step {step[:20]!r}: use a step number from 1")
     for key in ("attr_layer", "attn_layer", "attn_head"):
         value = get(key)
         if value is not None:
@@ -211,6 +228,9 @@ def to_query(state: AppState) -> dict[str, str]:
                   "norms_first": "1" if state.norms_first else "0"})
     if state.present:
         query["present"] = "1"
+    if state.tour is not None or state.page == "tour":
+        query["tour"] = state.tour or next(iter(shipped_tours()), "")
+        query["step"] = str(state.step)
     return query
 
 

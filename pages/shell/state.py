@@ -39,6 +39,26 @@ def init_state() -> None:
         st.session_state[_LINK_PAGE] = state().page if "page" in params else None
 
 
+_PENDING = "_pending_state"
+_WIDGETS = ("w_text", "w_position", "w_answer", "w_counterfactual", "w_answer_custom", "w_counterfactual_custom",
+            "w_model_a", "w_model_b", "w_model_c", "w_add_c", "w_preset")
+
+
+def request_state(**changes: Any) -> None:
+    """Change the state from a page, after the sidebar's widgets were drawn: applied before the next run's widgets."""
+    st.session_state[_PENDING] = changes
+    st.rerun()
+
+
+def apply_pending() -> None:
+    """At the start of a run: a page's requested change, with the widgets it touches reset to follow the state."""
+    changes = st.session_state.pop(_PENDING, None)
+    if changes:
+        set_state(**changes)
+        for key in _WIDGETS:
+            st.session_state.pop(key, None)
+
+
 def linked_page() -> str | None:
     """The page a link asked for, once per session (then None)."""
     return st.session_state.pop(_LINK_PAGE, None)

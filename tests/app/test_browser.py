@@ -25,7 +25,8 @@ SHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-PAGES = [("Overview", "Overview: what each model predicts", 2), ("Logit difference", "Logit difference and its logit lens", 1),
+PAGES = [("Overview", "Overview: what each model predicts", 2), ("Tour", "What removing LayerNorm changes, in six steps", 1),
+         ("Logit difference", "Logit difference and its logit lens", 1),
          ("Residual norms", "Residual-stream norms", 3), ("Attribution", "Attribution: who wrote the logit difference?", 4),
          ("Attention", "Attention and attention sinks", 2), ("Study", "Study: a corpus, many models", 0),
          ("About", "About noLN Explorer", 0)]

@@ -1,0 +1,129 @@
+"""The Tour page's shell: which tour, which step, applying a step to the state, and its one figure."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from noln_core.analyses import attention, direct_logit_attribution, head_direct_effects, next_token, residual_norms
+from noln_core.errors import InputError
+from noln_core.tokenizer import decode_utf8
+from noln_core.tour import Tour, TourError, TourStep, load_tour, parse_tour, shipped_tours
+from noln_core.viz import figures, tables
+from pages.shell.display import figure, md
+from pages.shell.runs import analysis
+from pages.shell.state import request_state, set_state, state
+
+_CUSTOM = "_custom_tour"
+_APPLIED = "_tour_applied"
+_ERROR = "_tour_error"
+
+
+class Inert(str):
+    """A fact that is text (a token): Markdown-inert however the tour formats it, ``{x}`` or ``{x!r}``."""
+
+    def __format__(self, spec: str) -> str:
+        return md(format(str(self), spec))
+
+    def __repr__(self) -> str:
+        return md(repr(str(self)))
+
+
+def chosen_tour() -> Tour | None:
+    """The tour in use: an uploaded one (this session), else the state's shipped one; errors go to the sidebar."""
+    custom = st.session_state.get(_CUSTOM)
+    names = list(shipped_tours())
+    with st.sidebar:
+        st.subheader("Tour")
+        options = names + ([f"{custom.name} (uploaded)"] if custom else [])
+        current = f"{custom.name} (uploaded)" if custom and state().tour is None else (state().tour or names[0])
+        picked = st.selectbox("Tour", options, index=options.index(current) if current in options else 0,
+                              key="w_tour")
+        st.file_uploader("Load a tour file (.toml)", type=["toml"], key="w_tour_upload", on_change=_uploaded,
+                         help="Copy noln_core/data/tours/ln-free-story.toml, edit it, and load it here.")
+        if _ERROR in st.session_state:
+            st.error(md(st.session_state[_ERROR]), icon=":material/error:")
+    if picked.endswith(" (uploaded)") and custom:
+        if state().tour is not None:
+            set_state(tour=None, step=1)
+        return custom
+    if picked != state().tour:
+        set_state(tour=picked, step=1 if state().tour not in (None, picked) else state().step)
+    try:
+        return load_tour(picked)
+    except TourError as err:
+        st.error(md(str(err)), icon=":material/error:")
+        return None
+
+
+def _uploaded() -> None:
+    file = st.session_state.get("w_tour_upload")
+    if file is None:
+        return
+    try:
+        tour = parse_tour(decode_utf8(file.getvalue(), f"the file {file.name!r}"), file.name.removesuffix(".toml"))
+    except (TourError, InputError) as err:
+        st.session_state[_ERROR] = str(err)
+        return
+    st.session_state.pop(_ERROR, None)
+    st.session_state[_CUSTOM] = tour
+    st.session_state.pop("w_tour", None)
+    set_state(tour=None, step=1)
+
+
+def current_step(tour: Tour) -> tuple[int, TourStep]:
+    n = len(tour.steps)
+    index = min(max(state().step, 1), n)
+    if index != state().step:
+        set_state(step=index)
+    return index, tour.steps[index - 1]
+
+
+def apply_step(tour: Tour, index: int, step: TourStep) -> None:
+    """Set the step's text (answer, counterfactual, position, models) once when the step is entered; the student may
+    then change anything, and the step does not take it back."""
+    mark = (tour.name, index)
+    if st.session_state.get(_APPLIED) == mark:
+        return
+    st.session_state[_APPLIED] = mark
+    wanted = {"text": step.text, "answer": step.answer, "counterfactual": step.counterfactual,
+              "position": step.position}
+    if tour.models:
+        wanted.update(model_a=tour.models[0], model_b=tour.models[1],
+                      model_c=tour.models[2] if len(tour.models) > 2 else None)
+    s = state()
+    if any(getattr(s, k) != v for k, v in wanted.items()):
+        request_state(**wanted)
+
+
+def go(delta: int) -> None:
+    set_state(step=state().step + delta)
+
+
+def step_figure(step: TourStep, result) -> None:
+    """The one figure the step is about (the same builders as the analysis pages)."""
+    if step.figure == "predictions":
+        nt = analysis(next_token)
+        figure(figures.loss_strip(nt, result.tokens), "tour_loss", tables.per_token_frame(result, nt))
+    elif step.figure == "parting":
+        nt = analysis(next_token)
+        if nt.pairs:
+            figure(figures.divergence_chart(nt, result.tokens), "tour_divergence", tables.per_token_frame(result, nt))
+    elif step.figure == "first-token-norm":
+        norms = analysis(residual_norms)
+        figure(figures.norm_heatmaps(norms, result.tokens, True), "tour_norms",
+               tables.norms_frame(norms, result.tokens))
+    elif step.figure == "dla":
+        dlas = analysis(direct_logit_attribution)
+        if dlas:
+            figure(figures.dla_components_chart(dlas), "tour_dla", tables.dla_frame(dlas))
+    elif step.figure == "dla-vs-direct-effect":
+        effects = analysis(head_direct_effects)
+        if effects:
+            figure(figures.dla_vs_direct_effect(effects), "tour_dla_de")
+    elif step.figure == "attention-sinks":
+        summaries = analysis(attention)
+        figure(figures.sink_heatmaps(summaries), "tour_sinks", tables.attention_frame(summaries))
+
+
+def inert_facts(facts: dict) -> dict:
+    return {k: Inert(v) if isinstance(v, str) else v for k, v in facts.items()}

@@ -1,0 +1,36 @@
+"""Tour: a guided walk through what removing LayerNorm changes, step by step, with numbers from the live run."""
+
+import streamlit as st
+
+from noln_core.tour import step_facts, step_text
+from pages import PAGES
+from pages.shell.display import md
+from pages.shell.runs import current_run
+from pages.shell.tour import apply_step, chosen_tour, current_step, go, inert_facts, step_figure
+
+tour = chosen_tour()
+if tour is not None:
+    index, step = current_step(tour)
+    apply_step(tour, index, step)
+    st.header(tour.title)
+    if index == 1 and tour.introduction:
+        st.markdown(tour.introduction)
+    st.progress(index / len(tour.steps), text=f"Step {index} of {len(tour.steps)}")
+    st.subheader(step.title)
+    result = current_run()
+    if result is not None:
+        notice, weak, question = step_text(step, inert_facts(step_facts(step, result)))
+        step_figure(step, result)
+        st.markdown("**What to notice.** " + notice.strip())
+        for sentence in weak:
+            st.info(sentence, icon=":material/info:")
+        st.markdown("**Your turn.** " + question.strip())
+        if step.link_page:
+            spec = next((p for p in PAGES if p.name == step.link_page), None)
+            if spec is not None:
+                st.page_link(spec.script, label=f"Go further: the {spec.title} page", icon=spec.icon)
+    back, _, forward = st.columns([1, 4, 1])
+    back.button("← Back", key="tour_back", on_click=go, args=(-1,), disabled=index == 1, width="stretch")
+    forward.button("Next →", key="tour_next", on_click=go, args=(1,), disabled=index == len(tour.steps),
+                   width="stretch")
+    st.caption(md(f"Tour file: {tour.name}. Share this step with the link in the sidebar."))
