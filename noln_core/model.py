@@ -358,8 +358,11 @@ class LoadedModel:
                 return None
             return self.unembed(resid, observer=put)
 
-    def unembed(self, resid: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+    def unembed(self, resid: torch.Tensor, observer: Observer | None = None,
+                vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) from final residual-stream vectors ``resid`` (..., d_model): the model's readout.
+
+        ``vocab`` (token ids) computes only those columns, in that order.
 
         With LN: ``ln_f`` (centring, division by ``sqrt(var + eps)``, folded
         weight and bias) then the unembedding.  LN-free: centring only, so the
@@ -379,7 +382,8 @@ class LoadedModel:
                     observer("ln_final.hook_normalized", x)
                 x = x.to(w.W_E.dtype)
             x = (x * w.w_U).reshape(-1, x.shape[-1])
-            logits = torch.addmm(w.b_U.to(x.dtype), x, w.W_U_rows.T)  # bias fused: one vocabulary-sized output
+            rows, bias = (w.W_U_rows, w.b_U) if vocab is None else (w.W_U_rows[vocab], w.b_U[vocab])
+            logits = torch.addmm(bias.to(x.dtype), x, rows.T)  # bias fused: one vocabulary-sized output
             return logits.float().reshape(*resid.shape[:-1], -1)
 
     def run_with_cache(

@@ -4,7 +4,7 @@ import streamlit as st
 
 import noln_core
 from noln_core.registry import PUBLISHED_CE_BARONI, PUBLISHED_CE_HEIMERSHEIM
-from noln_core.training.demo import EXPLAIN, shipped_metrics
+from noln_core.training.demo import explain, shipped_metrics
 from noln_core.training.demo import table as demo_table
 
 st.header("About noLN Explorer")
@@ -66,7 +66,7 @@ if demo is not None:
         "rate. Held-out loss on chapters none of them saw:"
     )
     st.markdown("\n".join(demo_table(demo)))
-    st.markdown("What each gap means:\n\n" + "\n".join(EXPLAIN))
+    st.markdown("What each gap means (no BOS):\n\n" + "\n".join(explain(demo)))
 st.subheader("How to cite this app")
 st.code(
     f"""@software{{noln_explorer,

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 from streamlit.testing.v1 import AppTest
 
 from noln_core import compare, direct_logit_attribution, load_model, registry
 from noln_core.analyses import exactness_tolerance
 from noln_core.training.demo import (
-    BASE_NAME, CONTROL_NAME, MAX_DEMO_BYTES, NAMES, NOLN_NAME, demo_paths, heldout_chunks, heldout_loss,
+    CONTROL_NAME, MAX_DEMO_BYTES, NAMES, demo_paths, heldout_chunks, heldout_loss, token_losses,
     shipped_metrics,
 )
 from pages.shell.links import PRESETS
@@ -70,13 +69,12 @@ def test_presets_work_on_the_demo_and_ln_free_dla_is_exact(trio, preset):
 
 
 def test_the_declared_window_was_trained(trio, held):
-    """Positions 128-255 were untrained in the old demo (loss rose by 0.4-0.7 there); now no late position is worse."""
-    rows = torch.from_numpy(np.asarray(held[:64], dtype=np.int64))
-    assert rows.shape[1] == trio[registry.DEMO_BASE].info.n_ctx == 256
-    for model in trio.values():
-        lp = model.forward(rows)[:, :-1].log_softmax(-1)
-        nll = -lp.gather(-1, rows[:, 1:, None])[..., 0].mean(0)
-        assert nll[128:].mean() <= nll[64:128].mean() + 0.05, model.info.name
+    """Positions 128-255 were untrained in the old demo (held-out loss rose by 0.4-0.7 there); now the late half of the
+    window is within 0.1 nats of positions 64-127 (over every held-out chunk: content noise is a few hundredths)."""
+    assert held.shape[1] == trio[registry.DEMO_BASE].info.n_ctx == 256
+    for name in NAMES:
+        nll = token_losses(ROOT / "noln_core/data/demo" / name, held).mean(0)
+        assert nll[128:].mean() <= nll[64:128].mean() + 0.1, name
 
 
 def test_cards_and_readme_report_the_shipped_models_losses(held):
@@ -98,14 +96,17 @@ def test_cards_and_readme_report_the_shipped_models_losses(held):
         assert row.group(0) in card
 
 
-def test_the_cards_no_bos_column_is_the_studys_cross_entropy(trio):
-    """The papers' convention, measured two ways: the card's number is what the study engine gives on ``demo``."""
+def test_the_cards_loss_is_the_studys_full_softmax_cross_entropy(trio, held, tmp_path):
+    """The cards' fast exact loss (zero unembedding rows enter as log(n_zero)) equals the study engine's full-vocabulary
+    softmax on the same chunks of the ``demo`` corpus (the first 16, to keep the test short)."""
     from noln_core.study import Settings, parse_corpus, run_study
 
-    models = [trio[registry.DEMO_BASE], trio[registry.DEMO_NOLN]]
-    result = run_study(models, parse_corpus("demo"), seq_len=256, batch=16, settings=Settings(metrics=("ce",)))
-    for model, name in zip(result.models, (BASE_NAME, NOLN_NAME)):
-        assert model.ce.mean == pytest.approx(METRICS["losses"][name]["no_bos"], abs=1e-4)
+    models = [trio[spec] for spec in registry.DEMO_TRIO]
+    result = run_study(models, parse_corpus("demo"), seq_len=256, batch=8, max_tokens=16 * 256,
+                       settings=Settings(metrics=("ce",)), state_dir=tmp_path)
+    assert result.n_sequences == 16
+    for model, name in zip(result.models, NAMES):
+        assert model.ce.mean == pytest.approx(heldout_loss(ROOT / "noln_core/data/demo" / name, held[:16]), abs=1e-5)
 
 
 @pytest.mark.parametrize("hub_answers", [False, True])
