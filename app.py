@@ -5,12 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import PAGES
-from pages.shell import display, export, runs, state
+from pages.shell import display, export, runs, state, tour
 
 presenting = st.query_params.get("present") == "1"  # a lecture link opens with the sidebar out of the way
 st.set_page_config(page_title="noLN Explorer", page_icon=":material/functions:", layout="wide",
                    initial_sidebar_state="collapsed" if presenting else "auto")
 state.init_state()
+tour.remember_link()
 state.apply_pending()
 display.presentation_style()
 

@@ -16,6 +16,15 @@ from pages.shell.state import request_state, set_state, state
 _CUSTOM = "_custom_tour"
 _APPLIED = "_tour_applied"
 _ERROR = "_tour_error"
+_AUTO = "_tour_auto"
+_BEFORE = "_tour_before"
+_LINKED = "_tour_linked"
+
+
+def remember_link() -> None:
+    """Once per session: whether the opening link named a tour."""
+    if _LINKED not in st.session_state:
+        st.session_state[_LINKED] = "tour" in st.query_params
 
 
 class Inert(str):
@@ -79,23 +88,62 @@ def current_step(tour: Tour) -> tuple[int, TourStep]:
 
 
 def apply_step(tour: Tour, index: int, step: TourStep) -> None:
-    """Set the step's text (answer, counterfactual, position, models) once when the step is entered; the student may
-    then change anything, and the step does not take it back."""
+    """Set the step's text (answer, counterfactual, position, models) when the step is entered.
+
+    Entered means: opened by a tour link, or by Back, Next or Start.  Opening the Tour page from the menu changes
+    nothing until Start is pressed, and the text the student had is kept for *Restore my text*.  Once a step is set,
+    the student may change anything; the step does not take it back.
+    """
     mark = (tour.name, index)
     if st.session_state.get(_APPLIED) == mark:
         return
-    st.session_state[_APPLIED] = mark
     wanted = {"text": step.text, "answer": step.answer, "counterfactual": step.counterfactual,
               "position": step.position}
     if tour.models:
         wanted.update(model_a=tour.models[0], model_b=tour.models[1],
                       model_c=tour.models[2] if len(tour.models) > 2 else None)
     s = state()
-    if any(getattr(s, k) != v for k, v in wanted.items()):
-        request_state(**wanted)
+    if all(getattr(s, k) == v for k, v in wanted.items()):
+        st.session_state[_APPLIED] = mark
+        return
+    if not (st.session_state.get(_AUTO) or linked_tour()):
+        st.button(f"Start the tour at step {index}", key="tour_start", type="primary", on_click=_start,
+                  help="Sets the text, answer and position of the step; 'Restore my text' brings yours back.")
+        return
+    st.session_state.setdefault(_BEFORE, {k: getattr(s, k) for k in wanted})
+    st.session_state[_APPLIED] = mark
+    request_state(**wanted)
+
+
+def _start() -> None:
+    st.session_state[_AUTO] = True
+
+
+def restore_button() -> None:
+    """In the sidebar: put back the text (and models) the student had before the tour."""
+    if "_pending_restore" in st.session_state:
+        request_state(**st.session_state.pop("_pending_restore"))
+    before = st.session_state.get(_BEFORE)
+    if before is None:
+        return
+
+    def restore() -> None:
+        st.session_state.pop(_BEFORE, None)
+        st.session_state[_AUTO] = False
+        st.session_state.pop(_APPLIED, None)
+        st.session_state["_pending_restore"] = before
+
+    st.sidebar.button("Restore my text", key="tour_restore", on_click=restore,
+                      help="Leave the tour's text and go back to what you had typed.")
+
+
+def linked_tour() -> bool:
+    """True when this session began with a link that names a tour (a shared step opens as it was shared)."""
+    return bool(st.session_state.get(_LINKED))
 
 
 def go(delta: int) -> None:
+    st.session_state[_AUTO] = True
     set_state(step=state().step + delta)
 
 

@@ -6,11 +6,12 @@ from noln_core.tour import step_facts, step_text
 from pages import PAGES
 from pages.shell.display import md
 from pages.shell.runs import current_run
-from pages.shell.tour import apply_step, chosen_tour, current_step, go, inert_facts, step_figure
+from pages.shell.tour import apply_step, chosen_tour, current_step, go, inert_facts, restore_button, step_figure
 
 tour = chosen_tour()
 if tour is not None:
     index, step = current_step(tour)
+    restore_button()
     apply_step(tour, index, step)
     st.header(tour.title)
     if index == 1 and tour.introduction:

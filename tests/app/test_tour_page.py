@@ -57,3 +57,18 @@ def test_an_unknown_tour_in_a_link_is_explained(ln_dir, noln_dir):
     assert not at.exception
     assert any("ignored tour 'nope'" in w.value for w in [*at.warning, *at.info, *at.caption])
     assert at.query_params["tour"] == "ln-free-story"
+
+
+def test_opening_the_tour_from_the_menu_keeps_the_text_until_start_and_restore_brings_it_back(ln_dir, noln_dir):
+    at = make_app(ln_dir, noln_dir, text="My own text about Mary and John")
+    at.run()
+    at.switch_page("pages/views/tour.py").run()
+    assert_clean(at)
+    assert at.query_params["text"] == "My own text about Mary and John"  # nothing replaced yet
+    at.button(key="tour_start").click().run()
+    assert at.query_params["text"] == TOUR.steps[0].text
+    at.button(key="tour_next").click().run()
+    assert at.query_params["text"] == TOUR.steps[1].text
+    at.sidebar.button(key="tour_restore").click().run()
+    assert_clean(at)
+    assert at.query_params["text"] == "My own text about Mary and John"
