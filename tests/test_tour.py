@@ -8,7 +8,7 @@ import pytest
 
 from noln_core import compare
 from noln_core.analyses import attention, direct_logit_attribution, head_direct_effects, next_token, residual_norms
-from noln_core.tour import FIGURES, TourError, load_tour, parse_tour, render, shipped_tours, step_facts, step_text
+from noln_core.teaching.tour import FIGURES, TourError, load_tour, parse_tour, render, shipped_tours, step_facts, step_text
 
 SHIPPED = load_tour("ln-free-story")
 GOOD_STEP = """

@@ -14,6 +14,7 @@ from noln_core import RunResult
 from noln_core.notebook import VIEWS, View, notebook_json, view_script
 from pages.shell.links import AppState, share_link
 from pages.shell.state import state
+from pages.shell.tour import current_figure
 
 
 def share_url() -> str:
@@ -53,18 +54,29 @@ def share_footer(result: RunResult | None) -> None:
             open_in_python(result)
 
 
-def current_view(result: RunResult, s: AppState) -> View | None:
-    """The view on screen as a :class:`noln_core.notebook.View` (None on pages without a notebook)."""
-    if s.page not in VIEWS:
+TOUR_VIEWS = {"predictions": "overview", "parting": "overview", "first-token-norm": "residual-norms",
+              "dla": "attribution", "dla-vs-direct-effect": "attribution", "attention-sinks": "attention"}
+"""The analysis page whose notebook reproduces a tour step's figure."""
+
+
+def current_view(result: RunResult, s: AppState, tour_figure: str | None = None) -> View | None:
+    """The view on screen as a :class:`noln_core.notebook.View` (None on pages without a notebook).
+
+    On the Tour page, ``tour_figure`` (the step's figure) picks the analysis page that reproduces it.
+    """
+    page = TOUR_VIEWS.get(tour_figure or "", "overview") if s.page == "tour" else s.page
+    if page not in VIEWS:
         return None
+    if page == "attribution" and not (s.answer and s.counterfactual):
+        page = "overview"
     return View(models=tuple(m for m in (s.model_a, s.model_b, s.model_c) if m), text=s.text,
                 answer=s.answer or None, counterfactual=s.counterfactual or None, position=result.position,
-                bos=s.bos, page=s.page, device="cpu", dtype=s.dtype, options={"layer": s.attr_layer or 0})
+                bos=s.bos, page=page, device="cpu", dtype=s.dtype, options={"layer": s.attr_layer or 0})
 
 
 def open_in_python(result: RunResult) -> None:
     """Two downloads: this view as a Jupyter notebook and as a script, reproducing it with noln_core."""
-    view = current_view(result, state())
+    view = current_view(result, state(), current_figure() if state().page == "tour" else None)
     if view is None:
         return
     st.subheader("Open this view in Python")

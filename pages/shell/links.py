@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 from noln_core.loading import is_valid_repo_id
 from noln_core.model import DTYPES as MODEL_DTYPES
 from noln_core.registry import REGISTRY, default_pair, parse_spec
-from noln_core.tour import shipped_tours
+from noln_core.teaching.tour import shipped_tours
 from pages import PAGE_NAMES
 from pages.shell.limits import MAX_TEXT_CHARS
 

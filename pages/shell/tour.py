@@ -7,7 +7,7 @@ import streamlit as st
 from noln_core.analyses import attention, direct_logit_attribution, head_direct_effects, next_token, residual_norms
 from noln_core.errors import InputError
 from noln_core.tokenizer import decode_utf8
-from noln_core.tour import Tour, TourError, TourStep, load_tour, parse_tour, shipped_tours
+from noln_core.teaching.tour import Tour, TourError, TourStep, load_tour, parse_tour, shipped_tours
 from noln_core.viz import figures, tables
 from pages.shell.display import figure, md
 from pages.shell.runs import analysis
@@ -77,6 +77,17 @@ def _uploaded() -> None:
     st.session_state[_CUSTOM] = tour
     st.session_state.pop("w_tour", None)
     set_state(tour=None, step=1)
+
+
+def current_figure() -> str | None:
+    """The figure of the step the state points at (for the sidebar's notebook), without drawing anything."""
+    custom = st.session_state.get(_CUSTOM)
+    try:
+        tour = custom if custom is not None and state().tour is None else load_tour(
+            state().tour or next(iter(shipped_tours())))
+    except (TourError, StopIteration):
+        return None
+    return tour.steps[min(max(state().step, 1), len(tour.steps)) - 1].figure
 
 
 def current_step(tour: Tour) -> tuple[int, TourStep]:

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from noln_core.tour import step_facts, step_text
+from noln_core.teaching.tour import step_facts, step_text
 from pages import PAGES
 from pages.shell.display import md
 from pages.shell.runs import current_run

@@ -13,7 +13,7 @@ from pages import PAGES
 from pages.shell.display import PRESENTATION_FONT
 from pages.shell.links import parse_query, to_query
 
-VIEW_PAGES = [p for p in PAGES if p.name not in ("study", "about")]
+VIEW_PAGES = [p for p in PAGES if p.name not in ("study", "about")]  # the Tour's is its step's analysis page
 
 
 def downloads(at) -> dict[str, str]:
@@ -30,6 +30,21 @@ def test_every_view_offers_a_notebook_and_a_script(ln_dir, noln_dir, page):
     at.run()
     assert_clean(at)
     assert {"Notebook", "Script"} <= set(downloads(at))
+
+
+def test_a_tour_steps_notebook_is_its_figures_analysis_page(ln_dir, noln_dir):
+    from pages.shell.export import TOUR_VIEWS, current_view
+    from pages.shell.links import AppState
+
+    s = AppState(model_a=str(ln_dir), model_b=str(noln_dir), page="tour", tour="ln-free-story", step=4,
+                 answer=" Mary", counterfactual=" John")
+
+    class Result:
+        position = -1
+
+    assert current_view(Result(), s, "dla-vs-direct-effect").page == "attribution"
+    assert current_view(Result(), s, "first-token-norm").page == "residual-norms"
+    assert set(TOUR_VIEWS.values()) <= {"overview", "residual-norms", "attribution", "attention"}
 
 
 def test_the_apps_notebook_runs_and_shows_the_apps_numbers(ln_dir, noln_dir, tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from noln_core.tour import load_tour
+from noln_core.teaching.tour import load_tour
 from test_app import assert_clean, make_app
 
 TOUR = load_tour("ln-free-story")

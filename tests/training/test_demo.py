@@ -159,3 +159,16 @@ def test_about_page_shows_the_demo_table_and_what_the_gaps_mean(monkeypatch):
     text = "\n".join(m.value for m in at.markdown)
     assert "fine-tuned with LN → LN-free" in text and "original → fine-tuned with LN" in text
     assert f"{METRICS['losses'][CONTROL_NAME]['no_bos']:.4f}" in text
+
+
+def test_make_demo_without_the_bible_text_is_one_line(monkeypatch, capsys, tmp_path):
+    from noln_core.cli import main
+    from noln_core.training import demo
+
+    def missing():
+        raise RuntimeError("the King James text comes from Debian's bible-kjv: apt-get install bible-kjv")
+
+    monkeypatch.setattr(demo, "kjv_chapters", missing)
+    assert main(["make-demo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install bible-kjv" in err and err.count("\n") == 1

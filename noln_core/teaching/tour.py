@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .analyses import attention, direct_logit_attribution, head_direct_effects, next_token, residual_norms
-from .errors import InputError
-from .paths import DATA_DIR
+from ..analyses import attention, direct_logit_attribution, head_direct_effects, next_token, residual_norms
+from ..errors import InputError
+from ..paths import DATA_DIR
 
 TOURS_DIR = DATA_DIR / "tours"
 """The shipped tours, one ``NAME.toml`` each."""

@@ -1,0 +1,1 @@
+"""The teaching layer, a consumer of the analyses beside ``viz/``: guided tours (:mod:`.tour`)."""
