@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -155,7 +156,7 @@ def _evaluate(model, inner: TrainableGPT2, data: np.ndarray, rank: int, processe
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     mine = np.arange(rank, len(data), processes)
-    rounds = -(-(-(-len(data) // processes)) // per_process)
+    rounds = math.ceil(math.ceil(len(data) / processes) / per_process)
     with torch.no_grad():
         for i in range(rounds):
             take = mine[i * per_process:(i + 1) * per_process]
@@ -176,6 +177,7 @@ def _catch_sigint(flag: torch.Tensor):
 
     if threading.current_thread() is not threading.main_thread():
         return None
+
     def handler(*_):
         if flag.item():  # a second Ctrl-C does not wait for the step to end
             raise KeyboardInterrupt
