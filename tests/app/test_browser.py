@@ -238,3 +238,29 @@ def test_no_visitor_text_becomes_a_link(server, browser, tmp_path, ln_dir):
              "[data-testid='stMarkdownContainer'] a[href*='example']")
     for selector in inert:  # ...and none of them is a link
         assert page.locator(selector).count() == 0, selector
+
+
+def test_a_teacher_loads_an_edited_tour_and_a_broken_one_gets_an_error_box(server, browser, ln_dir, noln_dir, tmp_path):
+    """The Tour page's upload, in a real browser: an edited copy of the shipped tour runs; a broken file says why."""
+    from noln_core.teaching.tour import shipped_tours
+
+    edited = tmp_path / "my-class.toml"
+    edited.write_text(shipped_tours()["ln-free-story"].read_text().replace("in six steps", "for my class"))
+    broken = tmp_path / "broken.toml"
+    broken.write_text(edited.read_text().replace('figure = "dla"', 'figure = "heatmap"'))
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    query = urlencode({"model_a": str(ln_dir), "model_b": str(noln_dir), "page": "tour", "tour": "ln-free-story",
+                       "step": "4"})
+    page.goto(f"{server}/?{query}")
+    page.get_by_role("heading", name="4. DLA against the true direct effect").wait_for(timeout=60_000)
+    _wait_for_charts(page, 1)
+    _assert_no_exception(page)
+    upload = page.locator("[data-testid='stFileUploaderDropzoneInput']").last
+    upload.set_input_files(str(broken))
+    page.get_by_text("unknown figure 'heatmap'").wait_for(timeout=30_000)
+    assert page.locator("[data-testid='stException']").count() == 0
+    upload.set_input_files(str(edited))
+    page.get_by_role("heading", name="What removing LayerNorm changes, for my class").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Start the tour at step 1").or_(
+        page.get_by_role("heading", name="1. The two models predict alike")).first.wait_for(timeout=60_000)
+    _assert_no_exception(page)
