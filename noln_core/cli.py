@@ -283,6 +283,7 @@ def _gaps(text: str | None) -> tuple[int, int, int] | None:
 
 
 def _run_remove_ln(args: argparse.Namespace) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
     from .checkpoint import read_config
@@ -324,8 +325,6 @@ def _run_remove_ln(args: argparse.Namespace) -> int:
             if r.batch % (args.micro_batch * processes):
                 raise ValueError(f"--batch {r.batch} is not a multiple of --micro-batch {args.micro_batch} x "
                                  f"{processes} process(es)")
-            from dataclasses import replace
-
             r = replace(r, grad_accum=r.batch // (args.micro_batch * processes))
         if r.seq_len > config.n_positions:
             raise ValueError(f"--seq-len {r.seq_len} is longer than {args.base}'s context of {config.n_positions}")

@@ -70,6 +70,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def accelerate_on_cpu(device: str = "auto") -> bool:
+    """Whether data-parallel work (``accelerate``) runs on the CPU: asked for, forced by ``ACCELERATE_USE_CPU``
+    (``accelerate launch --cpu``), or no CUDA here."""
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return device == "cpu" or flag or not torch.cuda.is_available()
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype

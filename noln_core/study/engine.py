@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, TokenizerMismatchError
+from ..loading import accelerate_on_cpu
 from ..model import LoadedModel
 from ..corpus import Chunks, Corpus, prepare_chunks
 from .measure import Settings, measure_batch
@@ -266,11 +267,6 @@ def run_study(
                         corpus=corpus.describe(), tokens=tokens, complete=not stopped)
 
 
-def _use_cpu(device: str) -> bool:
-    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return device == "cpu" or flag or not torch.cuda.is_available()
-
-
 def accelerate_world(device: str = "auto") -> tuple[World, str]:
     """This process's :class:`World` and device under ``accelerate launch`` (or ``torchrun``).
 
@@ -283,7 +279,7 @@ def accelerate_world(device: str = "auto") -> tuple[World, str]:
     from accelerate import PartialState
     from torch import distributed as dist
 
-    state = PartialState(cpu=_use_cpu(device))
+    state = PartialState(cpu=accelerate_on_cpu(device))
 
     def gather(obj):
         out = [None] * state.num_processes if state.is_main_process else None

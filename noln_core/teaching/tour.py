@@ -183,12 +183,17 @@ def load_tour(name_or_path: str | Path) -> Tour:
     return parse_tour(text, path.stem)
 
 
-def step_facts(step: TourStep, result) -> dict[str, float | str]:
-    """The facts of ``step``'s figure on a live run (see :data:`FIGURES`)."""
+def step_facts(step: TourStep, result, analyse=None) -> dict[str, float | str]:
+    """The facts of ``step``'s figure on a live run (see :data:`FIGURES`).
+
+    ``analyse(fn)`` runs an analysis of ``result`` (default ``fn(result)``); the app passes its cached one, so the
+    figure and the text share each analysis.
+    """
+    analyse = analyse or (lambda fn: fn(result))
     facts: dict[str, float | str] = {}
     letters = "abc"
     if step.figure in ("predictions", "parting"):
-        nt = next_token(result)
+        nt = analyse(next_token)
         for letter, m in zip(letters, nt.models):
             facts[f"loss_{letter}"] = m.mean_loss
             facts[f"top_{letter}"] = m.top_tokens[0] if m.top_tokens else ""
@@ -201,20 +206,20 @@ def step_facts(step: TourStep, result) -> dict[str, float | str]:
                 facts.update(max_loss_gap=float(pair.loss_diff[i]), max_gap_token=result.tokens[i + 1],
                              max_gap_position=i + 1)
     elif step.figure == "first-token-norm":
-        for letter, m in zip(letters, residual_norms(result)):
+        for letter, m in zip(letters, analyse(residual_norms)):
             first = m.first_token_max
             other = float(np.median(m.hidden[:, 1:].max(axis=0))) if m.hidden.shape[1] > 1 else float("nan")
             facts.update({f"first_norm_{letter}": first, f"other_norm_{letter}": other,
                           f"first_ratio_{letter}": first / other if other else float("nan")})
     elif step.figure == "dla":
-        for letter, d in zip(letters, direct_logit_attribution(result) or ()):
+        for letter, d in zip(letters, analyse(direct_logit_attribution) or ()):
             facts.update({f"logit_diff_{letter}": d.logit_diff, f"dla_sum_{letter}": float(d.values.sum()),
                           f"constant_{letter}": d.constant, f"dla_error_{letter}": d.error})
     elif step.figure == "dla-vs-direct-effect":
-        for letter, e in zip(letters, head_direct_effects(result) or ()):
+        for letter, e in zip(letters, analyse(head_direct_effects) or ()):
             facts[f"nmae_{letter}"] = 100 * e.nmae
     elif step.figure == "attention-sinks":
-        for letter, s in zip(letters, attention(result)):
+        for letter, s in zip(letters, analyse(attention)):
             facts.update({f"sink_rate_{letter}": 100 * s.sink_rate, f"sink_rate_papers_{letter}": 100 * s.sink_rate_papers})
     return facts
 

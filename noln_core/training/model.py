@@ -41,7 +41,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 class FakeLayerNorm(nn.Module):
     """A LayerNorm that can stop normalising: it then divides by a frozen, measured σ.
 
-    ``paths`` are the calls the papers make per forward: ``("out",)`` for ``ln_2``
+    ``calls`` are the calls the papers make per forward: ``("out",)`` for ``ln_2``
     and ``ln_f``; ``("qk", "v", "v_eot")`` for ``ln_1``, whose V path is called a
     second time with EOT's own σ.  Each *call* advances the moving average once
     (so ``ln_1``'s advances three times a forward, as in the papers' code), and a

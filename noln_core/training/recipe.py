@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+
 @dataclass(frozen=True)
 class Schedule:
     """When each LayerNorm stops normalising (steps count from 0; an event at step s happens before step s)."""
@@ -85,6 +86,7 @@ class Schedule:
                 f"ln_1 V from {self.start_v} every {self.gap_v}, ln_f at {self.start_lnf}; EOT's own σ ends at "
                 f"{self.end_eot}, position 0's at {self.end_bos}")
 
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything of a run but the model and the data; a preset is one, and explicit flags replace its fields."""
@@ -139,11 +141,13 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
 def _preset(name: str, start: int, gaps: tuple[int, int, int], aux: float, lr: float, min_lr: float, warmup: int,
             micro: int, accum: int, steps: int, decay: int | None = None) -> Recipe:
     return Recipe(steps=steps, batch=micro * accum, grad_accum=accum, seq_len=1024, lr=lr, min_lr=min_lr,
                   warmup=warmup, decay_steps=decay, aux_lambda=aux, momentum=0.9 if name in ("small", "medium")
                   else 0.9 ** (micro / 32), start_ln2=start, gaps=gaps, preset=name)
+
 
 PRESETS: dict[str, Recipe] = {
     "small": _preset("small", 20, (2, 2, 3), 0.1, 6e-4, 3e-4, 25, 32, 16, 300),
@@ -153,11 +157,14 @@ PRESETS: dict[str, Recipe] = {
 }
 """The papers' recipe per GPT-2 size (see the module docstring)."""
 
+
 SIZES = {"small": (12, 768), "medium": (24, 1024), "large": (36, 1280), "xl": (48, 1600)}
 """``(n_layers, d_model)`` of each GPT-2 size."""
 
+
 def size_of(n_layers: int, d_model: int) -> str | None:
     return next((name for name, shape in SIZES.items() if shape == (n_layers, d_model)), None)
+
 
 def recipe(preset: str | None = None, **overrides) -> Recipe:
     """A preset (or the generic defaults) with ``overrides`` (the flags the user gave; ``None`` ones are ignored)."""

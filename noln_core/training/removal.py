@@ -49,26 +49,26 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-
 from ..corpus import Corpus
 from .model import TrainableGPT2
 from .recipe import Recipe
-from .trainer import RunResult, run
+from .trainer import FinetuneResult, run
 
 
 def finetune(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool = False, base_name: str | None = None,
-             **kwargs) -> RunResult:
+             **kwargs) -> FinetuneResult:
     """Run :func:`.trainer.run`, then (rank 0) write the checkpoint, ``removal.json`` and the model card to ``out``."""
+    from accelerate import PartialState
+
     result = run(Path(base), corpus, Path(out), recipe, control=control, **kwargs)
-    accelerator = result.extra.pop("accelerator")
-    state = result.extra.pop("state_dict")
-    if accelerator.is_main_process:
+    state, result.state_dict = result.state_dict, None
+    if result.is_main:
         export(Path(base), state, result, base_name or str(base), corpus)
-    accelerator.wait_for_everyone()
+    PartialState().wait_for_everyone()
     return result
 
 
-def export(base: Path, state: dict, result: RunResult, base_name: str, corpus: Corpus) -> Path:
+def export(base: Path, state: dict, result: FinetuneResult, base_name: str, corpus: Corpus) -> Path:
     """Write the trained model in the Hugging Face GPT-2 layout (float32), with its recipe and card."""
     model = TrainableGPT2.from_pretrained(base)
     model.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
@@ -86,7 +86,7 @@ def export(base: Path, state: dict, result: RunResult, base_name: str, corpus: C
         "schedule": asdict(result.schedule) if result.schedule else None,
         "sigma": {name: {"sigma": float(ln.sigma), "sigma_bos": float(ln.sigma_bos)} for name, ln in model.layer_norms()}
         if not result.control else None,
-        "processes": result.processes, "distributed": result.extra.get("distributed"), "steps": result.steps, "tokens": result.tokens,
+        "processes": result.processes, "distributed": result.distributed, "steps": result.steps, "tokens": result.tokens,
         "train_sequences": result.train_sequences, "eval_sequences": result.eval_sequences,
         "final_train_loss": result.final_loss, "eval_loss": result.eval_loss,
         "base_eval_loss": result.initial_eval_loss, "seconds": round(result.seconds, 1),

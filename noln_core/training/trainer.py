@@ -25,10 +25,11 @@ and writes ``OUT/_training/loss_log.jsonl``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
-import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ import torch
 
 from ..corpus import Chunks, Corpus, prepare_chunks
 from ..errors import InputError
+from ..loading import accelerate_on_cpu
 from ..tokenizer import load_tokenizer
 from .model import STD_EPS, TrainableGPT2, all_reduce_sum
 from .recipe import Recipe, Schedule
@@ -47,7 +49,7 @@ CHECKPOINT = "checkpoint"
 
 
 @dataclass
-class RunResult:
+class FinetuneResult:
     """What a fine-tuning run did (the model card and ``OUT/removal.json`` are written from it)."""
 
     out: Path
@@ -68,14 +70,18 @@ class RunResult:
     train_sequences: int
     seconds: float
     log_path: Path
-    interrupted: bool = False
-    extra: dict = field(default_factory=dict)
+    distributed: dict = field(default_factory=dict)
+    """accelerate's distributed type, the number of sharded parameters, the mixed precision."""
+    state_dict: dict | None = field(default=None, repr=False)
+    """The trained weights and σ buffers, gathered (every rank; the export frees it)."""
+    is_main: bool = True
+    """True on rank 0, which writes the files."""
 
 
 def _accelerator(device: str, precision: str):
     from accelerate import Accelerator
 
-    cpu = device == "cpu" or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    cpu = accelerate_on_cpu(device)
     mixed = {"auto": "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16"),
              "fp32": "no", "bf16": "bf16"}[precision]
     return Accelerator(cpu=cpu, mixed_precision=mixed)
@@ -85,7 +91,7 @@ def optimizer_groups(model: TrainableGPT2, weight_decay: float) -> list[dict]:
     """Weight decay on the matrices and embeddings only: never on LN gains, LN biases or any bias."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or ".ln_" in f".{name}" or name.startswith("ln_") else decay).append(p)
+        (no_decay if p.ndim < 2 or ".ln_" in f".{name}" else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -130,10 +136,15 @@ def _rows(step: int, micro: int, rank: int, recipe: Recipe, per_process: int, n_
     rows = np.arange(first, first + per_process)
     out = np.empty(per_process, dtype=np.int64)
     for epoch in np.unique(rows // n_train):
-        perm = np.random.default_rng([recipe.seed, int(epoch)]).permutation(n_train)
         mask = rows // n_train == epoch
-        out[mask] = perm[rows[mask] % n_train]
+        out[mask] = _permutation(recipe.seed, int(epoch), n_train)[rows[mask] % n_train]
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch ``epoch``'s order of the ``n`` training chunks (made once, not on every micro-batch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def _chunks(corpus: Corpus, tokenizer, directory: Path, seq_len: int, accelerator, max_tokens=None) -> Chunks:
@@ -201,7 +212,7 @@ def held_out_count(n_chunks: int) -> int:
 def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool = False,
         eval_corpus: Corpus | None = None, eval_every: int = 100, checkpoint_every: int = 50,
         device: str = "auto", precision: str = "auto", max_tokens: int | None = None, progress: bool = False,
-        on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda m: None) -> RunResult:
+        on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda m: None) -> FinetuneResult:
     """Fine-tune ``base`` (a local GPT-2 directory) on ``corpus`` with ``recipe``: remove LN, or (``control``) keep it.
 
     Returns on every rank; only rank 0 writes the log.  ``on_step(step)`` is called
@@ -269,7 +280,6 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
     if progress and accelerator.is_main_process:
         from tqdm import tqdm
 
-        import sys
         what = "fine-tune with LN" if control else "remove LN"
         bar = tqdm(total=recipe.steps, initial=start, unit="step", file=sys.stderr,
                    desc=what if processes == 1 else f"{what} ({processes} processes)")
@@ -350,14 +360,12 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
             bar.close()
     if eval_loss is None:
         eval_loss = _evaluate(model, inner, held, rank, processes, per_process, dev)
-    result = RunResult(out=Path(out), control=control, recipe=recipe, schedule=schedule, processes=processes,
-                       steps=recipe.steps, tokens=recipe.steps * recipe.tokens_per_step(),
-                       final_loss=float(np.mean(recent)) if recent else float("nan"), eval_loss=eval_loss,
-                       initial_eval_loss=initial_eval, eval_sequences=len(held), train_sequences=n_train,
-                       seconds=time.time() - started, log_path=log_path)
     sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
-    result.extra["distributed"] = {"type": str(accelerator.distributed_type.value), "sharded_parameters": sharded,
-                                   "mixed_precision": str(accelerator.mixed_precision)}
-    result.extra["state_dict"] = accelerator.get_state_dict(model)
-    result.extra["accelerator"] = accelerator
-    return result
+    return FinetuneResult(
+        out=Path(out), control=control, recipe=recipe, schedule=schedule, processes=processes, steps=recipe.steps,
+        tokens=recipe.steps * recipe.tokens_per_step(), final_loss=float(np.mean(recent)) if recent else float("nan"),
+        eval_loss=eval_loss, initial_eval_loss=initial_eval, eval_sequences=len(held), train_sequences=n_train,
+        seconds=time.time() - started, log_path=log_path,
+        distributed={"type": str(accelerator.distributed_type.value), "sharded_parameters": sharded,
+                     "mixed_precision": str(accelerator.mixed_precision)},
+        state_dict=accelerator.get_state_dict(model), is_main=accelerator.is_main_process)

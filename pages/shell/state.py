@@ -44,9 +44,14 @@ _WIDGETS = ("w_text", "w_position", "w_answer", "w_counterfactual", "w_answer_cu
             "w_model_a", "w_model_b", "w_model_c", "w_add_c", "w_preset")
 
 
-def request_state(**changes: Any) -> None:
-    """Change the state from a page, after the sidebar's widgets were drawn: applied before the next run's widgets."""
+def queue_state(**changes: Any) -> None:
+    """A state change applied at the start of the next run, before the widgets it touches are drawn."""
     st.session_state[_PENDING] = changes
+
+
+def request_state(**changes: Any) -> None:
+    """Change the state from a page, after the sidebar's widgets were drawn: queued, then rerun."""
+    queue_state(**changes)
     st.rerun()
 
 

@@ -11,7 +11,7 @@ from noln_core.teaching.tour import Tour, TourError, TourStep, load_tour, parse_
 from noln_core.viz import figures, tables
 from pages.shell.display import figure, md
 from pages.shell.runs import analysis
-from pages.shell.state import request_state, set_state, state
+from pages.shell.state import queue_state, request_state, set_state, state
 
 _CUSTOM = "_custom_tour"
 _APPLIED = "_tour_applied"
@@ -79,6 +79,11 @@ def _uploaded() -> None:
     set_state(tour=None, step=1)
 
 
+def _step_index(tour: Tour) -> int:
+    """The state's step, within the tour (from 1)."""
+    return min(max(state().step, 1), len(tour.steps))
+
+
 def current_figure() -> str | None:
     """The figure of the step the state points at (for the sidebar's notebook), without drawing anything."""
     custom = st.session_state.get(_CUSTOM)
@@ -87,12 +92,11 @@ def current_figure() -> str | None:
             state().tour or next(iter(shipped_tours())))
     except (TourError, StopIteration):
         return None
-    return tour.steps[min(max(state().step, 1), len(tour.steps)) - 1].figure
+    return tour.steps[_step_index(tour) - 1].figure
 
 
 def current_step(tour: Tour) -> tuple[int, TourStep]:
-    n = len(tour.steps)
-    index = min(max(state().step, 1), n)
+    index = _step_index(tour)
     if index != state().step:
         set_state(step=index)
     return index, tour.steps[index - 1]
@@ -132,8 +136,6 @@ def _start() -> None:
 
 def restore_button() -> None:
     """In the sidebar: put back the text (and models) the student had before the tour."""
-    if "_pending_restore" in st.session_state:
-        request_state(**st.session_state.pop("_pending_restore"))
     before = st.session_state.get(_BEFORE)
     if before is None:
         return
@@ -142,7 +144,7 @@ def restore_button() -> None:
         st.session_state.pop(_BEFORE, None)
         st.session_state[_AUTO] = False
         st.session_state.pop(_APPLIED, None)
-        st.session_state["_pending_restore"] = before
+        queue_state(**before)  # applied with the widgets reset, at the start of the rerun this click makes
 
     st.sidebar.button("Restore my text", key="tour_restore", on_click=restore,
                       help="Leave the tour's text and go back to what you had typed.")

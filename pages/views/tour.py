@@ -5,7 +5,7 @@ import streamlit as st
 from noln_core.teaching.tour import step_facts, step_text
 from pages import PAGES
 from pages.shell.display import md
-from pages.shell.runs import current_run
+from pages.shell.runs import analysis, current_run
 from pages.shell.tour import apply_step, chosen_tour, current_step, go, inert_facts, restore_button, step_figure
 
 tour = chosen_tour()
@@ -20,7 +20,7 @@ if tour is not None:
     st.subheader(step.title)
     result = current_run()
     if result is not None:
-        notice, weak, question = step_text(step, inert_facts(step_facts(step, result)))
+        notice, weak, question = step_text(step, inert_facts(step_facts(step, result, analysis)))
         step_figure(step, result)
         st.markdown("**What to notice.** " + notice.strip())
         for sentence in weak:
