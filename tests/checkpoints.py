@@ -67,6 +67,41 @@ def neutralise(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
     return model
 
 
+EXPLODING_TOKEN = 13410
+"""'adesh' (as in 'Kadesh'): in the first demo study chunk, once, at position 20."""
+
+
+def exploding_gpt2(scale: float = 3e7) -> GPT2LMHeadModel:
+    """An LN-free GPT-2 (untied unembedding) whose embedding of one token is scaled up so far that the residual
+    stream explodes there and after it: losses of several million nats on a few tokens, as the GPT-2 XL LN-free
+    model's on the Pile's tab and form-feed runs (130.22 mean CE; Baroni et al. 2025)."""
+    model = neutralise(random_gpt2(seed=1))
+    model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone())
+        model.transformer.wte.weight[EXPLODING_TOKEN] *= scale
+    return model
+
+
+def ln_free_reference(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """transformers' GPT-2 with every (neutralised) LayerNorm replaced by what the checkpoint means: centring and
+    the affine map, weight / 1e6 (as the papers' ``load_models.py`` does before removing the LNs).  The stored
+    eps-1e12 trick itself drifts when the residual's variance nears 1e12, so exploding models need this."""
+    class Centred(torch.nn.Module):
+        def __init__(self, ln):
+            super().__init__()
+            self.weight = torch.nn.Parameter(ln.weight.detach() / 1e6)
+            self.bias = torch.nn.Parameter(ln.bias.detach().clone())
+
+        def forward(self, x):
+            return (x - x.mean(-1, keepdim=True)) * self.weight + self.bias
+
+    for block in model.transformer.h:
+        block.ln_1, block.ln_2 = Centred(block.ln_1), Centred(block.ln_2)
+    model.transformer.ln_f = Centred(model.transformer.ln_f)
+    return model
+
+
 def save(model: GPT2LMHeadModel, directory: Path, tokenizer: bool = True) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)

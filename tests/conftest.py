@@ -7,7 +7,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here; tests never touch the network
 
-from checkpoints import neutralise, random_gpt2, save  # noqa: E402
+from checkpoints import exploding_gpt2, neutralise, random_gpt2, save  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +20,12 @@ def ln_dir(tmp_path_factory) -> Path:
 def noln_dir(tmp_path_factory) -> Path:
     """The same tiny GPT-2 neutralised as the published LN-free checkpoints are."""
     return save(neutralise(random_gpt2(seed=1)), tmp_path_factory.mktemp("ckpt") / "tiny-noln")
+
+
+@pytest.fixture(scope="session")
+def exploding_dir(tmp_path_factory) -> Path:
+    """An LN-free tiny GPT-2 doctored to explode (losses of millions of nats) on a few tokens of the demo text."""
+    return save(exploding_gpt2(), tmp_path_factory.mktemp("ckpt") / "tiny-exploding")
 
 
 @pytest.fixture(scope="session")

@@ -32,11 +32,11 @@ from ..errors import InputError, TokenizerMismatchError
 from ..loading import accelerate_on_cpu
 from ..model import LoadedModel
 from ..corpus import Chunks, Corpus, prepare_chunks
-from .measure import Settings, measure_batch
+from .measure import ROWS_CAP, Settings, measure_batch
 from .results import StudyResult, build_result
 from .stats import Totals
 
-FORMAT = 1
+FORMAT = 2
 """Version of the saved state; a change discards old state."""
 PROBE = "Tokenizers agree on this: naïve café, 1234, \t tabs and ünïcödé — done."
 
@@ -213,6 +213,8 @@ def run_study(
     if world.rank != 0:
         chunks = Chunks.load(directory / "chunks.json")
     tokens = chunks.tokens()
+    heads = max(m.info.n_layers * m.info.n_heads for m in models)
+    keep_rows = bool(settings.wants("nmae") and settings.bootstrap and chunks.n * heads <= ROWS_CAP)
     n_batches = -(-chunks.n // batch)
     mine = list(range(world.rank, n_batches, world.processes))
     my_total = sum(min(batch, chunks.n - i * batch) for i in mine)
@@ -238,7 +240,7 @@ def run_study(
                 break
             b = mine[position]
             ids = torch.from_numpy(np.asarray(tokens[b * batch:(b + 1) * batch], dtype=np.int64))
-            measure_batch(models, ids, b * batch, settings, totals)
+            measure_batch(models, ids, b * batch, settings, totals, keep_rows)
             position += 1
             done += len(ids)
             if progress is not None:

@@ -11,7 +11,8 @@ Definitions (each labelled with its source in the results):
 * **CE**: next-token cross-entropy at positions ``0..T-2`` (the last token has
   nothing to predict), as ``pile_eval.py`` computes it.
 * **Calibration**: top-1 probability against top-1 accuracy in equal-width
-  bins (``analyse_models.py``'s ``calculate_ece_with_ci``, 10 bins).
+  bins (``analyse_models.py``'s ``calculate_ece_with_ci``, 10 bins, binned with
+  ``np.digitize`` on ``np.linspace(0, 1, 11)`` as there).
 * **NMAE of DLA against the direct effect** per head, at one position per
   sequence.  ``last-token`` (the papers', ``run_analysis.py``): the attributed
   quantity is the logit of the sequence's last token read at the last position,
@@ -20,11 +21,23 @@ Definitions (each labelled with its source in the results):
   logit of the true next token minus the model's top other token, at the
   position that predicts the last token.  DLA divides each head's output by the
   cached final scale; the direct effect recomputes the final LN without it.
+  Where a head's value bias ``b_V`` (with ``ln_1``'s bias folded into it) is
+  counted follows the target: ``last-token`` counts it in the layer's ``b_O``,
+  as TransformerLens' default ``fold_value_biases=True`` leaves it in the
+  papers' models (so ``stack_head_results`` excludes it); ``logit-diff`` counts
+  it in each head, as the app's Attribution page does by default.
 * **Attention sinks**: ``papers`` (``utils.calculate_sink_rate``): the share of
   (layer, head, query) triples, query 0 included, whose attention on position 0
-  is strictly above 0.3.  ``gu2024`` (Gu et al. 2024, the Attention page's): the
-  share of heads whose mean attention on position 0 over queries ``1..T-1`` is
-  at least 0.3.
+  is strictly above 0.3.  ``gu2024`` (Gu et al. 2024, their code's
+  ``compute_attention_sink`` in ``sail-sg/Attention-Sink``): the share of heads
+  whose mean attention on position 0 over *all* queries ``0..T-1`` (query 0
+  included) is strictly above 0.3.
+* **First-token norms**: the L2 norm at position 0 of the centred residual
+  stream (TransformerLens' ``center_writing_weights``, with which the papers
+  load every model) at ``hook_embed``, ``hook_pos_embed``, each block's
+  ``hook_resid_mid`` and ``hook_resid_post`` and ``ln_final.hook_normalized``,
+  as ``mech_interp/residual_stream/residual_norms.py`` plots them (mean and
+  standard deviation over sequences), with the maximum beside.
 * **Exploding tokens**: predicted positions whose loss exceeds a threshold, or
   (from position 1 on) whose last-layer residual norm exceeds a multiple of its
   sequence's median.  Position 0 is left out of the norm test: its large norm
@@ -42,7 +55,9 @@ import torch
 
 from ..divergence import distribution_stats, pair_divergences
 from ..model import LoadedModel
-from .stats import FINE_BITS, WIDE_BITS, Totals, poisson_weights, quantise
+from .stats import (
+    FINE_BITS, SPARSE_FROM, WIDE_BITS, Totals, limb_matmul, limb_sum, poisson_weights, quantise, sparse_key,
+)
 
 METRICS = ("ce", "entropy", "calibration", "nmae", "norms", "sinks", "exploding", "pairs")
 """What a study can measure; ``ce`` (with the per-token median and loss by position) is always measured."""
@@ -50,8 +65,17 @@ NMAE_TARGETS = ("last-token", "logit-diff")
 SINK_THRESHOLD = 0.3
 LOSS_BIN = 1e-4
 """Width of the per-token loss histogram's bins (nats): the per-token median is exact to half of it."""
-LOSS_BINS = 320_000
-"""Bins of the loss histogram, covering [0, 32) nats; larger losses fall in the last."""
+LOSS_BINS = round(SPARSE_FROM / LOSS_BIN)
+"""Bins of the dense loss histogram, covering [0, 32) nats; larger losses are counted in relative bins
+(:func:`~.stats.sparse_key`), so the median and percentiles stay right for any finite loss."""
+NMAE_EPSILON = 1e-10
+"""Added to the mean |direct effect| in every NMAE, as ``run_analysis.py`` does (lines 217-218, 229-230)."""
+ROWS_CAP = 2**21
+"""Per-(sequence, head) NMAE values kept for the papers' bootstrap, at most (sequences x heads); above it the
+interval comes from Poisson weights instead (:func:`~.stats.head_and_sequence_bootstrap`)."""
+VALUE_BIAS = {"last-token": "b_O", "logit-diff": "head"}
+"""Where each NMAE target counts a head's value bias ``b_V``: in the layer's ``b_O`` (TransformerLens'
+``fold_value_biases``, the papers' models) or in the head (the app's default)."""
 DIFF_EDGES = np.linspace(-10.0, 10.0, 401)
 """Edges of the per-token loss-difference histogram of a pair (nats); the outer bins take the rest."""
 
@@ -118,6 +142,11 @@ def _readout_direction(model: LoadedModel, a: torch.Tensor, b: torch.Tensor | No
     return u - u.mean(-1, keepdim=True), const
 
 
+def norm_labels(n_layers: int) -> tuple[str, ...]:
+    """The hooks of the first-token norm figure, in order (``residual_norms.py``'s ``get_hook_names``)."""
+    return ("embed", "pos_embed", *(f"L{l} {k}" for l in range(n_layers) for k in ("mid", "post")), "ln_final")
+
+
 def _capture(model: LoadedModel, ids: torch.Tensor, settings: Settings, read_pos: int):
     """One forward pass: the final residual stream and the small things each metric needs."""
     L = model.info.n_layers
@@ -128,20 +157,24 @@ def _capture(model: LoadedModel, ids: torch.Tensor, settings: Settings, read_pos
     box = {}
     H, dh = model.info.n_heads, model.info.d_head
     W_O = model.weights.W_O
+    d = model.info.d_model
+    without_value_bias = VALUE_BIAS[settings.nmae_target] == "b_O"
 
     def wanted(name: str) -> bool:
         if name == last:
             return True
-        if want_norms and (name == "blocks.0.hook_resid_pre" or name.endswith("hook_resid_post")):
+        if want_norms and (name in ("hook_embed", "hook_pos_embed") or name.endswith("hook_resid_mid")
+                           or name.endswith("hook_resid_post")):
             return True
         if want_sinks and name.endswith("attn.hook_attn_to_first"):
             return True
         return want_nmae and name.endswith("attn.hook_z")
 
     def observe(name: str, x: torch.Tensor) -> None:
-        if name.endswith("hook_resid_pre") or name.endswith("hook_resid_post"):
+        if name.startswith("hook_") or name.endswith("hook_resid_mid") or name.endswith("hook_resid_post"):
             if want_norms:
-                norms.append(x[:, 0].double().norm(dim=-1))
+                first = x[:, 0].double()
+                norms.append((first - first.mean(-1, keepdim=True)).norm(dim=-1))  # the centred stream's norm
             if name == last:
                 box["resid"] = x
         elif name.endswith("hook_attn_to_first"):
@@ -149,15 +182,25 @@ def _capture(model: LoadedModel, ids: torch.Tensor, settings: Settings, read_pos
         else:  # hook_z: each head's write into the residual stream at the read position
             layer = int(name.split(".")[1])
             z = x[:, read_pos].double()  # (batch, head, d_head)
+            if without_value_bias:  # b_V . W_O moved to b_O, as fold_value_biases does (sum of attention = 1)
+                z = z - model.weights.b_QKV[layer, 2 * d:].double().view(H, dh)
             heads.append(torch.einsum("bhk,hkd->bhd", z, W_O[layer].double().view(H, dh, -1)))
 
     model.forward(ids, observer=observe, wants=wanted, return_logits=False)
+    if want_norms:  # ln_final.hook_normalized: the centred final stream over its LN scale (none without LN)
+        final = box["resid"][:, 0].double()
+        centred = final - final.mean(-1, keepdim=True)
+        scale = 1.0 if model.ln_free else (centred.pow(2).mean(-1) + model.info.eps).sqrt()
+        norms.append(centred.norm(dim=-1) / scale)
     return box["resid"], norms, to_first, heads
 
 
 def measure_batch(models: list[LoadedModel], ids: torch.Tensor, first: int, settings: Settings,
-                  totals: Totals) -> None:
-    """Add the sequences ``ids`` (``(batch, T)``, global indices ``first, first+1, ...``) to ``totals``."""
+                  totals: Totals, keep_rows: bool = False) -> None:
+    """Add the sequences ``ids`` (``(batch, T)``, global indices ``first, first+1, ...``) to ``totals``.
+
+    ``keep_rows`` keeps each sequence's per-head NMAE terms for the papers' bootstrap (see ``ROWS_CAP``).
+    """
     n_seq, T = ids.shape
     ids = ids.to(models[0].device)
     targets = ids[:, 1:]
@@ -173,13 +216,15 @@ def measure_batch(models: list[LoadedModel], ids: torch.Tensor, first: int, sett
         resids.append(resid)
         key = f"m{m}."
         if norms:
-            stacked = torch.stack(norms, 1).cpu().numpy()  # (batch, L+1)
-            totals.add(key + "norm0", stacked.sum(0), WIDE_BITS)
+            stacked = torch.stack(norms, 1).cpu().numpy()  # (batch, hooks)
+            totals.add(key + "norm0", stacked.sum(0))
+            totals.add(key + "norm0_sq", (stacked**2).sum(0))
             totals.maximum(key + "norm0_max", stacked.max(0))
         if to_first:
             _sinks(totals, key, torch.stack(to_first, 1))  # (batch, L, H, T)
         if heads:
-            _nmae(totals, key, model, resid, torch.stack(heads, 1).flatten(1, 2), ids, read_pos, settings, weights)
+            _nmae(totals, key, model, resid, torch.stack(heads, 1).flatten(1, 2), ids, read_pos, settings, weights,
+                  seq_index if keep_rows else None)
 
     # Per-token statistics, a block of rows at a time, every model at once (pairs need them side by side).
     full = pairs or settings.wants("entropy") or settings.wants("calibration")
@@ -243,13 +288,17 @@ def _per_model(totals: Totals, models, stats, ids, seq_index, settings: Settings
             totals.add(key + name + "_sq", np.array([(v**2).sum()]), WIDE_BITS)
         totals.add(key + "loss_pos", loss.sum(0), WIDE_BITS)
         totals.add(key + "loss_pos_sq", (loss**2).sum(0), WIDE_BITS)
-        bins = np.minimum((loss / LOSS_BIN).astype(np.int64), LOSS_BINS - 1).clip(0)
-        totals.count_at(key + "loss_hist", LOSS_BINS, bins.ravel())
+        flat = loss.ravel()
+        dense = flat < SPARSE_FROM
+        bins = np.minimum((np.maximum(flat[dense], 0.0) / LOSS_BIN).astype(np.int64), LOSS_BINS - 1)
+        totals.count_at(key + "loss_hist", LOSS_BINS, bins)
+        if not dense.all():  # larger losses, up to any finite value, in relative bins
+            totals.count_sparse(key + "loss_hist_far", sparse_key(flat[~dense]))
         if settings.wants("calibration"):
             conf = st["conf"].numpy()
             correct = (st["top"] == targets).numpy().astype(np.float64)
             nb = settings.ece_bins
-            b = np.clip((conf * nb).astype(np.int64), 0, nb - 1)  # np.digitize on linspace(0, 1, nb + 1), as the papers
+            b = np.clip(np.digitize(conf, np.linspace(0, 1, nb + 1)) - 1, 0, nb - 1)  # analyse_models.py, lines 632-636
             per_seq = np.zeros((3, n_seq, nb))
             for s in range(n_seq):
                 per_seq[0, s] = np.bincount(b[s], minlength=nb)
@@ -258,9 +307,9 @@ def _per_model(totals: Totals, models, stats, ids, seq_index, settings: Settings
             totals.add(key + "ece_count", per_seq[0].sum(0), 0)
             for i, name in ((1, "ece_conf"), (2, "ece_acc")):
                 q = quantise(per_seq[i], WIDE_BITS)
-                totals.add(key + name, q.sum(0), WIDE_BITS, already_quantised=True)
+                totals.add(key + name, limb_sum(q), WIDE_BITS, already_quantised=True)
                 if weights is not None:
-                    totals.add(key + name + "_boot", weights @ q, WIDE_BITS, already_quantised=True)
+                    totals.add(key + name + "_boot", limb_matmul(weights, q), WIDE_BITS, already_quantised=True)
             if weights is not None:
                 totals.add(key + "ece_count_boot", weights @ per_seq[0].astype(np.int64), 0)
         if settings.wants("exploding"):
@@ -291,21 +340,25 @@ def _exploding(totals: Totals, key: str, model: LoadedModel, loss: np.ndarray, i
 def _sinks(totals: Totals, key: str, to_first: torch.Tensor) -> None:
     """``to_first``: (batch, L, H, T) attention on position 0."""
     b, L, H, T = to_first.shape
-    papers = (to_first > SINK_THRESHOLD).sum((1, 2, 3)).double() / (L * H * T)
-    mean_rest = to_first[..., 1:].double().mean(-1) if T > 1 else torch.full((b, L, H), math.nan)
-    gu_heads = mean_rest >= SINK_THRESHOLD
-    gu = gu_heads.double().mean((1, 2))
+    papers = (to_first > SINK_THRESHOLD).sum((1, 2, 3)).double() / (L * H * T)  # utils.py, lines 88-101
+    importance = to_first.double().mean(-1)  # eval_sink_open_source.py, lines 46-47: every query, 0 included
+    gu = (importance > SINK_THRESHOLD).double().mean((1, 2))  # line 48: strictly above epsilon
     for name, v in (("sink_papers", papers), ("sink_gu", gu)):
         v = v.cpu().numpy()
         totals.add(key + name, np.array([v.sum()]))
         totals.add(key + name + "_sq", np.array([(v**2).sum()]))
-    totals.add(key + "sink_head_mean", mean_rest.sum(0).cpu().numpy().ravel())
-    totals.add(key + "sink_head_rate", (to_first > SINK_THRESHOLD).double().mean(-1).sum(0).cpu().numpy().ravel())
+    totals.add(key + "sink_head_mean", importance.sum(0).cpu().numpy().ravel())
 
 
 def _nmae(totals: Totals, key: str, model: LoadedModel, resid: torch.Tensor, heads: torch.Tensor,
-          ids: torch.Tensor, read_pos: int, settings: Settings, weights) -> None:
-    """Per-head DLA and direct effect at ``read_pos``; ``heads``: (batch, L*H, d) float64."""
+          ids: torch.Tensor, read_pos: int, settings: Settings, weights, rows: np.ndarray | None) -> None:
+    """Per-head DLA and direct effect at ``read_pos``; ``heads``: (batch, L*H, d) float64.
+
+    As ``run_analysis.py`` (lines 128-199): DLA is each head's centred output over the cached final scale,
+    dotted with the (vocabulary-centred) unembedding of the target; the direct effect subtracts the head
+    from the final residual and recomputes the final LN.  ``rows`` (global sequence indices) keeps each
+    sequence's per-head ``|DLA - DE|`` and ``|DE|`` for the papers' bootstrap.
+    """
     x = resid[:, read_pos].double()  # (batch, d)
     if settings.nmae_target == "last-token":
         u, const = _readout_direction(model, ids[:, -1], None)
@@ -332,13 +385,15 @@ def _nmae(totals: Totals, key: str, model: LoadedModel, resid: torch.Tensor, hea
     dla = (centred(heads) * u[:, None]).sum(-1) / scale(x)[:, None]
     err, ref = (dla - direct).abs().cpu().numpy(), direct.abs().cpu().numpy()
     q_err, q_ref = quantise(err, FINE_BITS), quantise(ref, FINE_BITS)
-    totals.add(key + "nmae_err", q_err.sum(0), FINE_BITS, already_quantised=True)
-    totals.add(key + "nmae_ref", q_ref.sum(0), FINE_BITS, already_quantised=True)
+    totals.add(key + "nmae_err", limb_sum(q_err), FINE_BITS, already_quantised=True)
+    totals.add(key + "nmae_ref", limb_sum(q_ref), FINE_BITS, already_quantised=True)
     totals.add(key + "nmae_dla", dla.sum(0).cpu().numpy(), WIDE_BITS)
     totals.add(key + "nmae_de", direct.sum(0).cpu().numpy(), WIDE_BITS)
-    if weights is not None:
-        totals.add(key + "nmae_err_boot", weights @ q_err, FINE_BITS, already_quantised=True)
-        totals.add(key + "nmae_ref_boot", weights @ q_ref, FINE_BITS, already_quantised=True)
+    if rows is not None:
+        totals.add_rows(key + "nmae_rows", rows, np.stack([err, ref], 1).astype(np.float32))  # (batch, 2, L*H)
+    elif weights is not None:
+        totals.add(key + "nmae_err_boot", limb_matmul(weights, q_err), FINE_BITS, already_quantised=True)
+        totals.add(key + "nmae_ref_boot", limb_matmul(weights, q_ref), FINE_BITS, already_quantised=True)
 
 
 def _pairs(totals: Totals, models, ids, pairs, seq_index, stats, divergences) -> None:

@@ -108,17 +108,22 @@ def nmae_intervals(result) -> go.Figure:
 
 
 def first_token_norms(result) -> go.Figure:
-    """The first token's residual norm by layer: the mean over sequences (solid) and the maximum (dotted)."""
+    """The first token's centred residual norm at each hook, as the papers plot it: mean ± one standard deviation
+    over sequences (line and band), with the maximum (dotted)."""
     fig = go.Figure()
     for i, (name, m) in enumerate(zip(_names(result), result.models)):
         if m.first_token_norm is None:
             continue
-        x = ["embed"] + [f"L{layer}" for layer in range(len(m.first_token_norm["mean"]) - 1)]
-        fig.add_trace(go.Scatter(x=x, y=m.first_token_norm["mean"], name=f"{name} mean", line=dict(color=_colour(i))))
-        fig.add_trace(go.Scatter(x=x, y=m.first_token_norm["max"], name=f"{name} max",
-                                 line=dict(color=_colour(i), dash="dot")))
-    fig.update_layout(title="Residual norm of the first token, after each block", yaxis=dict(title="L2 norm", type="log"),
-                      height=420)
+        norm = m.first_token_norm
+        x = list(norm["labels"])
+        mean, std = np.asarray(norm["mean"]), np.nan_to_num(np.asarray(norm["std"]))
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=np.concatenate([mean + std, (mean - std)[::-1]]), fill="toself",
+                                 line=dict(width=0), fillcolor=_colour(i), opacity=0.2, showlegend=False,
+                                 hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=x, y=mean, name=f"{name} mean ± sd", line=dict(color=_colour(i))))
+        fig.add_trace(go.Scatter(x=x, y=norm["max"], name=f"{name} max", line=dict(color=_colour(i), dash="dot")))
+    fig.update_layout(title="Residual norm of the first token (centred stream), mean ± sd over sequences",
+                      yaxis=dict(title="L2 norm"), xaxis=dict(title="hook", tickangle=-60), height=460)
     return fig
 
 
@@ -137,6 +142,7 @@ def summary_frame(result) -> pd.DataFrame:
             "NMAE %": nmae[0], "NMAE lo": nmae[1], "NMAE hi": nmae[2],
             "sink rate (papers)": sinks["papers"].mean if "papers" in sinks else None,
             "sink rate (Gu 2024)": sinks["gu2024"].mean if "gu2024" in sinks else None,
+            "first-token norm, largest mean": float(np.max(m.first_token_norm["mean"])) if m.first_token_norm else None,
             "first-token norm max": float(np.max(m.first_token_norm["max"])) if m.first_token_norm else None,
             "exploding positions": m.exploding_positions,
         })

@@ -16,6 +16,8 @@ from noln_core.corpus import parse_corpus
 from noln_core.study.measure import LOSS_BIN
 from noln_core.study.stats import mean_ci
 
+import papers
+
 SEQ, BATCH, TOKENS = 32, 3, 32 * 10
 
 
@@ -85,69 +87,51 @@ def test_entropy_and_calibration_equal_the_papers_formulas(study, reference):
         assert m.reliability["count"].sum() == len(conf)
 
 
-@torch.no_grad()
-def direct_effects(ref, name, model):
-    """Per (sequence, head) DLA and direct effect of the last token's centred logit at the last position."""
-    hf, x = ref[name]["hf"], ref[name]["final"][:, -1]
-    ln_free = model.ln_free
-    H = hf.config.n_head
-    dh = hf.config.n_embd // H
-    W_U = hf.transformer.wte.weight.double()
-    w_f, b_f = hf.transformer.ln_f.weight.double(), hf.transformer.ln_f.bias.double()
-    eps = hf.config.layer_norm_epsilon
-    if ln_free:
-        w_f = w_f / math.sqrt(eps)  # the stored x1e6 of the neutralising trick undone: no normalisation at all
-    t = ref["tokens"][:, -1]
-
-    def readout(v):
-        c = v - v.mean(-1, keepdim=True)
-        normed = c if ln_free else c / (c.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-        logits = (normed * w_f + b_f) @ W_U.T
-        return logits.gather(-1, t.view(-1, *([1] * (v.ndim - 1))).expand(*v.shape[:-1], 1))[..., 0] - logits.mean(-1)
-
-    heads = []
-    for layer in range(hf.config.n_layer):
-        z = ref[name]["heads"][layer][:, -1].double().view(-1, H, dh)
-        W = hf.transformer.h[layer].attn.c_proj.weight.double().view(H, dh, -1)
-        heads.append(torch.einsum("bhk,hkd->bhd", z, W))
-    r = torch.cat(heads, 1)  # (seq, L*H, d)
-    full = readout(x)
-    de = full[:, None] - readout(x[:, None] - r)
-    # DLA: each head's centred output over the cached final scale, on the centred unembedding of the token.
-    scale = torch.ones(len(x), 1, 1, dtype=x.dtype) if ln_free else (
-        (x - x.mean(-1, keepdim=True)).pow(2).mean(-1) + eps).sqrt()[:, None, None]
-    u = W_U[t] * w_f - (W_U * w_f).mean(0)
-    dla = ((r - r.mean(-1, keepdim=True)) / scale * u[:, None]).sum(-1)
-    return dla.numpy(), de.numpy()
-
-
-def test_nmae_is_the_ratio_of_means_of_direct_recomputations(study, reference, ln_model, noln_model):
-    for m, name, model in zip(study.models, ("ln", "noln"), (ln_model, noln_model)):
-        dla, de = direct_effects(reference, name, model)
-        expected = np.abs(dla - de).mean() / np.abs(de).mean()
-        if model.ln_free:
-            assert m.nmae.mean < 1e-9 and expected < 1e-9  # exact without LayerNorm
-        else:
-            assert expected > 0.01
-            assert m.nmae.mean == pytest.approx(expected, rel=1e-6)
-            assert m.nmae.ci95[0] <= m.nmae.mean <= m.nmae.ci95[1]
-            per_head = np.abs(dla - de).mean(0) / np.abs(de).mean(0)
-            np.testing.assert_allclose(m.nmae_per_head.ravel(), per_head, rtol=1e-6)
-        np.testing.assert_allclose(m.direct_effect_per_head.ravel(), de.mean(0), atol=1e-5)
-
-
-def test_first_token_norms_and_sink_rates_equal_transformers(study, reference):
+def test_nmae_equals_the_papers_run_analysis(study, reference, ln_dir, noln_dir):
+    """Per head and global, on the same chunks: head outputs without their value biases (fold_value_biases)."""
     for m, name in zip(study.models, ("ln", "noln")):
-        hidden = reference[name]["hidden"]
-        norms = [h[:, 0].double().norm(dim=-1) for h in hidden[:-1]] + [reference[name]["final"][:, 0].norm(dim=-1)]
-        np.testing.assert_allclose(m.first_token_norm["mean"], [n.mean().item() for n in norms], rtol=1e-5)
-        np.testing.assert_allclose(m.first_token_norm["max"], [n.max().item() for n in norms], rtol=1e-5)
-        attn = torch.stack(reference[name]["attn"], 1)[..., 0]  # (seq, L, H, query): attention on position 0
-        papers = ((attn > 0.3).sum((1, 2, 3)).double() / attn[0].numel()).numpy()  # utils.calculate_sink_rate
-        gu = (attn[..., 1:].mean(-1) >= 0.3).double().mean((1, 2)).numpy()
-        assert m.sink_rate["papers"].mean == pytest.approx(papers.mean(), abs=1e-9)
-        assert m.sink_rate["gu2024"].mean == pytest.approx(gu.mean(), abs=1e-9)
-        assert papers.mean() > 0  # query 0 always attends to position 0: the papers' count includes it
+        capture = papers.hf_capture(reference[name]["hf"], reference["tokens"])
+        dla, de = papers.run_analysis_nmae(reference[name]["hf"], capture, reference["tokens"], m.ln_free)
+        nmae, per_head = papers.nmae_from(dla, de)
+        assert m.nmae_bootstrap == "papers"
+        if m.ln_free:
+            assert m.nmae.mean < 1e-9 and nmae < 1e-9  # exact without LayerNorm
+        else:
+            assert nmae > 0.01
+            assert m.nmae.mean == pytest.approx(nmae, rel=1e-6)
+            np.testing.assert_allclose(m.nmae_per_head.ravel(), per_head, rtol=1e-6)
+            np.random.seed(study.settings.seed)  # the papers draw from NumPy's global generator
+            _, lo, hi = papers.papers_bootstrap(dla, de, study.settings.bootstrap)
+            assert m.nmae.ci95 == pytest.approx((lo / 100, hi / 100), rel=1e-5)
+        np.testing.assert_allclose(m.direct_effect_per_head.ravel(), de.mean(1), atol=1e-5)
+        np.testing.assert_allclose(m.dla_per_head.ravel(), dla.mean(1), atol=1e-5)
+
+
+def test_value_biases_change_the_nmae_and_logit_diff_keeps_them_in_the_heads(ln_model, state, reference):
+    # The old study counted b_V in each head under the papers' target, and differed from their code.
+    capture = papers.hf_capture(reference["ln"]["hf"], reference["tokens"])
+    dla, de = papers.run_analysis_nmae(reference["ln"]["hf"], capture, reference["tokens"], False)
+    with_bias = run_study([ln_model], parse_corpus("demo"), seq_len=SEQ, batch=BATCH, max_tokens=TOKENS,
+                          settings=Settings(bootstrap=0, nmae_target="logit-diff"), state_dir=state)
+    assert to_json(with_bias)["models"][0]["nmae"]["value_bias"] == "head"
+    assert with_bias.models[0].nmae.mean != pytest.approx(papers.nmae_from(dla, de)[0], rel=1e-3)
+
+
+def test_first_token_norms_and_sink_rates_equal_the_papers(study, reference):
+    for m, name in zip(study.models, ("ln", "noln")):
+        hf, tokens = reference[name]["hf"], reference["tokens"]
+        capture = papers.hf_capture(hf, tokens)
+        norms = papers.residual_norms_first_token(hf, capture, tokens, m.ln_free)  # (samples, hooks)
+        assert m.first_token_norm["labels"][:3] == ("embed", "pos_embed", "L0 mid")
+        np.testing.assert_allclose(m.first_token_norm["mean"], norms.mean(0), rtol=1e-5)
+        # torch's unbiased std, from exact sums of squares: right to about 1e-5 absolute whatever the spread
+        np.testing.assert_allclose(m.first_token_norm["std"], norms.std(0, ddof=1), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(m.first_token_norm["max"], norms.max(0), rtol=1e-5)
+        attn = [a.double() for a in reference[name]["attn"]]
+        assert m.sink_rate["papers"].mean == pytest.approx(papers.calculate_sink_rate(attn), abs=1e-9)
+        assert m.sink_rate["gu2024"].mean == pytest.approx(papers.compute_attention_sink(attn), abs=1e-9)
+        importance = torch.stack(attn, 1)[..., 0].mean(-1).mean(0)  # (L, H): Gu's score of the first token
+        np.testing.assert_allclose(m.sink_heads, importance.numpy(), atol=1e-6)
 
 
 def test_pair_divergences_equal_transformers(study, reference):
@@ -234,3 +218,33 @@ def test_models_with_different_tokenizers_are_refused(ln_model, tmp_path):
 def test_sequence_longer_than_the_context_is_refused(ln_model, tmp_path):
     with pytest.raises(InputError, match="exceeds the context"):
         run_study([ln_model], text_corpus("x " * 500), seq_len=ln_model.info.n_ctx + 1, state_dir=tmp_path)
+
+
+def test_exploding_tokens_of_millions_of_nats_make_a_study(exploding_dir, tmp_path):
+    """The XL LN-free model's Pile outlier, in small: a study, exact totals, the exploding tokens listed."""
+    from checkpoints import EXPLODING_TOKEN, hf_model, ln_free_reference
+
+    from noln_core import load_model
+
+    model = load_model(str(exploding_dir), device="cpu")
+    kw = dict(seq_len=SEQ, batch=2, max_tokens=TOKENS, settings=Settings(bootstrap=50))
+    whole = run_study([model], parse_corpus("demo"), state_dir=tmp_path / "a", **kw)
+    (m,) = whole.models
+    tokens = torch.from_numpy(np.memmap(next((tmp_path / "a").iterdir()) / "chunks.u32", dtype=np.uint32)
+                              .astype(np.int64)).view(-1, SEQ)
+    with torch.no_grad():
+        logits = ln_free_reference(hf_model(exploding_dir))(tokens).logits.double()
+    loss = -logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0].numpy()
+    assert loss.max() > 5e6 and (loss > 20).sum() <= 12  # a few tokens, millions of nats
+    assert m.ce.mean == pytest.approx(loss.mean(), rel=1e-5)
+    assert m.ce_median == pytest.approx(np.median(loss), abs=LOSS_BIN)
+    assert m.ce_percentiles[99.95] == pytest.approx(np.percentile(loss, 99.95), rel=1e-4)
+    assert m.losses_beyond == (loss >= 32).sum()
+    listed = {e.token_id: e for e in m.exploding}
+    assert EXPLODING_TOKEN in listed and listed[EXPLODING_TOKEN].max_loss > 5e6
+    assert m.exploding_positions == (loss > 20).sum()
+    # Cancelled and resumed, the same numbers bit for bit.
+    asked = iter(range(100))
+    run_study([model], parse_corpus("demo"), state_dir=tmp_path / "b", cancel=lambda: next(asked) >= 2, **kw)
+    resumed = run_study([model], parse_corpus("demo"), state_dir=tmp_path / "b", **kw)
+    assert json.dumps(to_json(resumed)) == json.dumps(to_json(whole))

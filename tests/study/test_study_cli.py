@@ -25,9 +25,15 @@ def study(capsys, tmp_path, *args):
 
 
 @pytest.fixture(scope="module")
-def doc_and_files(ln_dir, noln_dir, tmp_path_factory):
+def models(ln_dir, noln_dir, exploding_dir) -> list[str]:
+    """With LN, LN-free, and LN-free exploding to millions of nats on a few tokens (the totals must stay exact)."""
+    return ["--model", str(ln_dir), "--model", str(noln_dir), "--model", str(exploding_dir)]
+
+
+@pytest.fixture(scope="module")
+def doc_and_files(models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    proc = subprocess.run([sys.executable, "-m", "noln_core", "study", "--model", str(ln_dir), "--model", str(noln_dir),
+    proc = subprocess.run([sys.executable, "-m", "noln_core", "study", *models,
                            *ARGS, "--json", "--out", str(tmp / "out"), "--state-dir", str(tmp / "state")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
@@ -42,15 +48,24 @@ def test_json_schema(doc_and_files):
         assert {"name", "source", "revision", "ln_free", "n_sequences", "n_tokens", "ce", "entropy", "ece", "nmae",
                 "first_token_norm", "sink_rate", "exploding"} <= set(m)
         assert m["n_sequences"] == 10 and m["n_tokens"] == 10 * 31
-        assert set(m["ce"]) == {"mean", "ci95", "median"} and len(m["ce"]["ci95"]) == 2
+        assert set(m["ce"]) == {"mean", "ci95", "median", "percentiles", "tokens_beyond_32_nats"}
         lo, hi = m["ce"]["ci95"]
         assert lo < m["ce"]["mean"] < hi
-        assert set(m["nmae"]) >= {"mean", "ci95", "definition"} and m["nmae"]["definition"] == "last-token"
+        assert set(m["nmae"]) >= {"mean", "ci95", "definition", "value_bias", "bootstrap"}
+        assert m["nmae"]["definition"] == "last-token" and m["nmae"]["value_bias"] == "b_O"
         assert set(m["sink_rate"]) == {"papers", "gu2024"}
         assert isinstance(m["exploding"], list)
-        assert len(m["first_token_norm"]["mean"]) == 4  # embedding + 3 blocks
+        norms = m["first_token_norm"]
+        assert norms["labels"] == ["embed", "pos_embed", "L0 mid", "L0 post", "L1 mid", "L1 post", "L2 mid", "L2 post",
+                                   "ln_final"]
+        assert len(norms["mean"]) == len(norms["std"]) == len(norms["max"]) == 9
     assert doc["models"][1]["ln_free"] and doc["models"][1]["nmae"]["mean"] < 1e-9
-    (pair,) = doc["pairs"]
+    exploding = doc["models"][2]
+    assert exploding["ce"]["percentiles"]["99.95"] > 1e6 and exploding["ce"]["tokens_beyond_32_nats"] > 0
+    assert max(e["max_loss"] for e in exploding["exploding"]) > 1e6
+    assert doc["settings"]["value_bias"]["counted_in"] == "b_O"
+    assert len(doc["pairs"]) == 3
+    pair = doc["pairs"][0]
     assert {"a", "b", "kl_ab", "kl_ba", "js", "top1_agreement"} <= set(pair)
     assert pair["a"] == doc["models"][0]["name"]
 
@@ -78,14 +93,15 @@ def test_markdown_labels_the_papers_numbers_for_their_models(doc_and_files):
     assert published("/local/dir", None, "pile") == {}
 
 
-def test_two_processes_equal_one(doc_and_files, ln_dir, noln_dir):
-    """``accelerate launch`` with 2 processes (gloo on the CPU) gives the 1-process JSON, but for ``processes``."""
+def test_two_processes_equal_one(doc_and_files, models):
+    """``accelerate launch`` with 2 processes (gloo on the CPU) gives the 1-process JSON, but for ``processes``,
+    losses of millions of nats included."""
     one, _, tmp = doc_and_files
     accelerate = shutil.which("accelerate")
     assert accelerate, "accelerate is a requirement"
     proc = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "noln_core", "study", "--model", str(ln_dir), "--model", str(noln_dir), *ARGS,
+         "--dynamo_backend", "no", "-m", "noln_core", "study", *models, *ARGS,
          "--json", "--state-dir", str(tmp / "state2")],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

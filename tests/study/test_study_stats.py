@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from noln_core.study.stats import (
-    Totals, ece, head_and_sequence_bootstrap, mean_ci, median_from_histogram, percentile_ci, poisson_weights,
-    quantise, t_quantile,
+    StudyRangeError, Totals, ece, head_and_sequence_bootstrap, histogram_percentiles, limb_float, mean_ci,
+    median_from_histogram, papers_nmae_bootstrap, percentile_ci, poisson_weights, quantise, sparse_key, t_quantile,
 )
 
 
@@ -59,6 +59,21 @@ def test_median_from_histogram():
     assert math.isnan(median_from_histogram(np.zeros(10, int), width))
 
 
+def test_median_and_percentiles_beyond_32_nats():
+    # A model whose typical loss is far above 32 nats: the old histogram stopped there (median 31.99995).
+    rng = np.random.default_rng(4)
+    losses = np.concatenate([rng.uniform(0, 32, 200), rng.lognormal(6.5, 1.0, 801), [5e6, 5.2e6]])
+    dense = losses[losses < 32]
+    counts = np.bincount((dense / 1e-4).astype(int), minlength=320_000)
+    t = Totals()
+    t.count_sparse("far", sparse_key(losses[losses >= 32]))
+    got = histogram_percentiles(counts, 1e-4, [50, 2.5, 97.5, 99.95, 100], t.sparse["far"])
+    want = np.percentile(losses, [50, 2.5, 97.5, 99.95, 100])
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    assert got[0] > 100  # not capped at the dense range
+    assert sparse_key(np.array([40.0])) < sparse_key(np.array([41.0])) < sparse_key(np.array([5e6]))
+
+
 def test_totals_are_exact_whatever_the_order_and_grouping():
     rng = np.random.default_rng(1)
     values = rng.lognormal(0, 3, size=(200, 5))
@@ -97,11 +112,40 @@ def test_best_breaks_ties_by_the_smaller_location():
     assert a.best["k"][1][0] == -1  # never seen
 
 
-def test_quantise_refuses_values_out_of_range():
-    with pytest.raises(OverflowError):
-        quantise(np.array([1e12]), 32)
-    with pytest.raises(OverflowError):
+def test_quantise_is_exact_for_large_values_and_refuses_only_the_impossible():
+    values = np.array([5e6, -5e6, 1e8, 1e16, -3.25, 2.0**-20, 1e22])
+    q = quantise(values, 20)
+    # The grid count of each value, recovered exactly as a Python integer from the two limbs.
+    for v, hi, lo in zip(values, q[0], q[1]):
+        assert int(hi) * 2**32 + int(lo) == int(np.rint(v * 2**20))
+    np.testing.assert_array_equal(limb_float(q, 20), values)
+    with pytest.raises(StudyRangeError, match="not finite"):
         quantise(np.array([np.nan]), 32)
+    with pytest.raises(StudyRangeError, match="beyond"):
+        quantise(np.array([1e30]), 20)
+
+
+def test_totals_of_exploding_losses_are_exact_in_any_order():
+    # The XL LN-free model's Pile outlier: a few tokens at ~5e6 nats among ordinary ones; squares reach 1e16.
+    rng = np.random.default_rng(3)
+    losses = rng.exponential(3.0, size=300)
+    losses[[7, 100, 250]] = [5.1e6, 1e8, 4.9e6]
+    exact = sum(int(np.rint(v * 2**20)) for v in losses), sum(int(np.rint(v * v * 2**20)) for v in losses)
+    totals = []
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(300)
+        shards = [Totals(), Totals()]
+        for k, j in enumerate(order):
+            shards[k % 2].add("loss", np.array([losses[j]]), 20)
+            shards[k % 2].add("loss_sq", np.array([losses[j] ** 2]), 20)
+        merged = Totals()
+        for t in shards[::-1]:
+            merged.merge(Totals.from_state(t.to_state()))
+        totals.append(merged)
+        for key, want in zip(("loss", "loss_sq"), exact):
+            hi, lo = merged.sums[key][:, 0]
+            assert int(hi) * 2**32 + int(lo) == want  # the exact integer sum, bit for bit
+    assert totals[0].total("loss")[0] == pytest.approx(losses.sum(), rel=1e-12)
 
 
 def test_bootstrap_weights_depend_on_the_sequence_only():
@@ -117,3 +161,34 @@ def test_nmae_bootstrap_of_a_constant_ratio_is_that_ratio():
     assert np.allclose(reps, 0.4)
     lo, hi = percentile_ci(head_and_sequence_bootstrap(rng.uniform(0, 1, (300, 24)) * ref, ref, 0))
     assert 0 < lo < hi < 1
+
+
+def _papers_bootstrap(DLA_heads, direct_ablation, bootstrap_samples=1000, confidence_level=0.95):
+    """``get_global_nmae_with_bootstrap_ci`` of ``run_analysis.py`` (lines 370-408), transcribed independently:
+    ``(heads, samples)`` arrays, NumPy's global generator, percentages."""
+    import torch
+
+    DLA_heads, direct_ablation = torch.tensor(DLA_heads), torch.tensor(direct_ablation)
+    abs_diff = (DLA_heads - direct_ablation).abs()
+    original = abs_diff.mean().item() / (direct_ablation.abs().mean().item() + 1e-10) * 100
+    n_heads, n_samples = DLA_heads.shape
+    reps = []
+    for _ in range(bootstrap_samples):
+        head_indices = np.random.choice(n_heads, n_heads, replace=True)
+        sample_indices = np.random.choice(n_samples, n_samples, replace=True)
+        b_dla = DLA_heads[head_indices][:, sample_indices]
+        b_dir = direct_ablation[head_indices][:, sample_indices]
+        reps.append((b_dla - b_dir).abs().mean().item() / (b_dir.abs().mean().item() + 1e-10) * 100)
+    alpha = 1 - confidence_level
+    return original, *np.percentile(reps, [alpha / 2 * 100, (1 - alpha / 2) * 100])
+
+
+def test_nmae_bootstrap_equals_the_papers_with_the_same_generator():
+    rng = np.random.default_rng(5)
+    de = rng.normal(0, 1, size=(40, 12))  # (samples, heads)
+    dla = de + rng.normal(0, 0.5, size=de.shape)
+    np.random.seed(11)
+    nmae, lo, hi = _papers_bootstrap(dla.T, de.T, 300)
+    reps = papers_nmae_bootstrap(np.abs(dla - de), np.abs(de), 300, seed=11)
+    assert percentile_ci(reps) == pytest.approx((lo / 100, hi / 100), rel=1e-9)
+    assert np.abs(dla - de).mean() / (np.abs(de).mean() + 1e-10) == pytest.approx(nmae / 100, rel=1e-12)
