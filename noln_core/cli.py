@@ -19,6 +19,7 @@ from . import __version__
 from .analyses import (
     attention, direct_logit_attribution, head_direct_effects, logit_difference, next_token, residual_norms,
 )
+from .analyses.attribution import VALUE_BIAS
 from .compare import RunResult, compare
 from .errors import InputError, NolnError
 from .loading import load_model
@@ -34,13 +35,16 @@ EXIT_BAD_INPUT = 2
 TOP_NEURONS = 10
 
 
-def report(result: RunResult) -> dict[str, Any]:
-    """The JSON document for a run: every analysis, one entry per model (documented in the README)."""
+def report(result: RunResult, value_bias: str = "head") -> dict[str, Any]:
+    """The JSON document for a run: every analysis, one entry per model (documented in the README).
+
+    ``value_bias``: where the per-head numbers count each head's value bias (``head`` or ``b_O``).
+    """
     nt = next_token(result)
     norms = residual_norms(result)
     attn = attention(result)
-    dla = direct_logit_attribution(result)
-    de = head_direct_effects(result)
+    dla = direct_logit_attribution(result, value_bias)
+    de = head_direct_effects(result, value_bias)
     lens = logit_difference(result)
     p = result.position
     models = []
@@ -74,7 +78,8 @@ def report(result: RunResult) -> dict[str, Any]:
                 "logit_diff": d.logit_diff,
                 "logit_lens": {"labels": lens.models[i].lens_labels, "values": lens.models[i].lens},
                 "dla": {"labels": d.labels, "values": d.values, "constant": d.constant, "error": d.error,
-                        "exact": d.exact, "scale": d.scale, "method": d.method},
+                        "exact": d.exact, "scale": d.scale, "method": d.method, "value_bias": d.value_bias,
+                        "value_bias_definition": VALUE_BIAS[d.value_bias]},
                 "dla_heads": d.heads, "dla_attn_bias": d.attn_bias,
                 "top_neurons": [{"layer": l, "neuron": n, "value": v} for l, n, v in d.top_neurons(TOP_NEURONS)],
                 "direct_effect_heads": de[i].direct_effect, "direct_effect_nmae": de[i].nmae,
@@ -152,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|>")
     cmp.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     cmp.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    cmp.add_argument("--value-bias", default="head", choices=list(VALUE_BIAS),
+                     help="where the per-head DLA and direct effects count each head's value bias b_V: in the head "
+                          "(default) or in the layer's b_O (TransformerLens' fold_value_biases, as the papers)")
     cmp.add_argument("--json", action="store_true", help="print the full JSON report instead of a summary")
     sub.add_parser("models", help="list the registry of known models")
     rm = sub.add_parser(
@@ -456,7 +464,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     result = compare(models, text, args.answer, args.counterfactual, args.position, prepend_bos=not args.no_bos)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    doc = report(result)
+    doc = report(result, args.value_bias)
     print(json.dumps(doc, ensure_ascii=False) if args.json else _summary(doc))
     return 0
 

@@ -100,7 +100,13 @@ class AttributionCapture:
     """(2 + 2L, d_model) residual-stream writes at ``p``: embed, pos_embed, then attn_0, mlp_0, attn_1, ..."""
     component_labels: tuple[str, ...]
     head_out: np.ndarray
-    """(L, H, d_model) each head's write to the residual stream at ``p`` (``z_h W_O^h``)."""
+    """(L, H, d_model) each head's write to the residual stream at ``p`` (``z_h W_O^h``, its value bias included)."""
+    value_bias_out: np.ndarray
+    """(L, H, d_model) the part of ``head_out`` that is the head's value bias: ``b_V^h W_O^h`` (``ln_1``'s bias
+    folded into ``b_V``), the same at every position since attention sums to 1.  TransformerLens' default
+    ``fold_value_biases`` moves it into ``b_O``."""
+    source_attention: np.ndarray
+    """(L, H, n) the analysed position's attention on each source token (its pattern row)."""
     attn_bias: np.ndarray
     """(L, d_model) ``b_O``: the part of each attention layer's output that belongs to no head."""
     head_source: np.ndarray
@@ -379,10 +385,16 @@ def _attribution(model: LoadedModel, cap: Capture, target: Target, logprobs_p: t
     if head_source.shape[-1] < n:  # sources after p get no attention from p
         head_source = torch.nn.functional.pad(head_source, (0, n - head_source.shape[-1]))
     neurons = cap.stack("hook_post") * (w.W_out.float() @ u)
+    b_V = w.b_QKV[:, 2 * info.d_model:].float().view(L, H, dh)
+    value_bias_out = torch.einsum("lhd,lhdm->lhm", b_V, W_O)
+    source_attention = torch.stack([cap.kept["row_p"][layer] for layer in range(L)])
+    if source_attention.shape[-1] < n:
+        source_attention = torch.nn.functional.pad(source_attention, (0, n - source_attention.shape[-1]))
     return AttributionCapture(
         logit_diff=float(logprobs_p[a] - logprobs_p[b]), constant=w.unembed_constant(a, b), u=frozen(u), scale=scale,
         components=frozen(torch.stack(comps)), component_labels=tuple(labels),
-        head_out=frozen(head_out), attn_bias=frozen(w.b_O.float()), head_source=frozen(head_source),
+        head_out=frozen(head_out), value_bias_out=frozen(value_bias_out), source_attention=frozen(source_attention),
+        attn_bias=frozen(w.b_O.float()), head_source=frozen(head_source),
         neurons=frozen(neurons), mlp_bias=frozen(w.b_out.float() @ u),
         accumulated=frozen(torch.stack(acc)), accumulated_labels=tuple(acc_labels), eps=info.eps, ln_free=model.ln_free,
     )

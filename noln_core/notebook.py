@@ -32,7 +32,8 @@ class View:
     device: str = "cpu"
     dtype: str = "float32"
     options: dict = field(default_factory=dict)
-    """Page controls: ``layer`` (attribution source heatmap, attention), ``head`` (attention)."""
+    """Page controls: ``layer`` (attribution source heatmap, attention), ``head`` (attention), ``value_bias``
+    (attribution: ``head`` or ``b_O``)."""
 
 
 _ANALYSIS = {
@@ -47,8 +48,8 @@ numbers = {"logit_diff": [m.value for m in lens.models], "logit_lens": [m.lens f
     "residual-norms": '''norms = residual_norms(result)
 figures.norm_heatmaps(norms, result.tokens, True).show()
 numbers = {"first_token_max": [m.first_token_max for m in norms], "resid_norms": [m.hidden for m in norms]}''',
-    "attribution": '''dla = direct_logit_attribution(result)
-effects = head_direct_effects(result)
+    "attribution": '''dla = direct_logit_attribution(result, value_bias=VALUE_BIAS)
+effects = head_direct_effects(result, value_bias=VALUE_BIAS)
 figures.dla_components_chart(dla).show()
 figures.head_heatmaps(dla).show()
 figures.head_source_heatmaps(dla, LAYER, result.tokens).show()
@@ -74,6 +75,8 @@ def _cells(view: View) -> list[tuple[str, str]]:
         f"POSITION = {-1 if view.position is None else view.position!r}  # -1: the last token",
         f"PREPEND_BOS = {view.bos!r}",
         f"LAYER = {int(view.options.get('layer', 0))!r}",
+        *([f"VALUE_BIAS = {str(view.options.get('value_bias', 'head'))!r}  # 'b_O': the papers' convention"]
+          if view.page == "attribution" else []),
         f"DEVICE, DTYPE = {view.device!r}, {view.dtype!r}",
     ])
     return [

@@ -39,7 +39,8 @@ def test_schema(doc):
         assert {"source", "revision", "ln_free", "next_token_logprobs", "logit_diff", "dla", "dla_heads",
                 "direct_effect_nmae", "resid_norms", "sink_rate"} <= set(m)
         assert len(m["next_token_logprobs"]) == n - 1
-        assert set(m["dla"]) >= {"labels", "values", "constant", "error"}
+        assert set(m["dla"]) >= {"labels", "values", "constant", "error", "value_bias"}
+        assert m["dla"]["value_bias"] == "head" and "counted in the head" in m["dla"]["value_bias_definition"]
         assert len(m["dla_heads"]) == 3 and len(m["dla_heads"][0]) == 4
         assert len(m["resid_norms"]) == 3 + 1 and len(m["resid_norms"][0]) == n
     assert [m["ln_free"] for m in doc["models"]] == [False, True]
@@ -59,6 +60,18 @@ def test_values_equal_the_library(doc, ln_model, noln_model):
         np.testing.assert_allclose(m["resid_norms"], norms[i].hidden, rtol=1e-6)
     ln_free = doc["models"][1]
     assert abs(sum(ln_free["dla"]["values"]) + ln_free["dla"]["constant"] - ln_free["logit_diff"]) <= 1e-4
+
+
+def test_value_bias_convention_of_the_papers(capsys, ln_dir, noln_dir, ln_model, noln_model):
+    code, out, _ = run_cli(capsys, "--model", str(ln_dir), "--model", str(noln_dir), "--text", PROMPTS[0],
+                           "--answer", " Mary", "--counterfactual", " John", "--device", "cpu", "--json",
+                           "--value-bias", "b_O")
+    result = compare([ln_model, noln_model], PROMPTS[0], " Mary", " John")
+    dla, de = direct_logit_attribution(result, "b_O"), head_direct_effects(result, "b_O")
+    for i, m in enumerate(json.loads(out)["models"]):
+        assert m["dla"]["value_bias"] == "b_O" and "fold_value_biases" in m["dla"]["value_bias_definition"]
+        np.testing.assert_allclose(m["dla_heads"], dla[i].heads)
+        assert m["direct_effect_nmae"] == pytest.approx(de[i].nmae)
 
 
 def test_without_answer_logit_diff_is_null(capsys, ln_dir):

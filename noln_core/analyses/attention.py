@@ -1,9 +1,13 @@
 """Attention patterns and attention sinks, by two definitions, each with its source.
 
 * ``sink_rate`` (Gu et al. 2024, "When Attention Sink Emerges in Language
-  Models"): a head is an *attention sink* on a prompt when its attention on the
-  first position, averaged over the query positions after it, is at least 30%;
-  the rate is the share of heads that are sinks.
+  Models", as their code computes it: ``compute_attention_sink`` in
+  ``sail-sg/Attention-Sink``, ``eval_sink_open_source.py`` lines 41-49): a head
+  is an *attention sink* on a prompt when its attention on the first position,
+  averaged over *every* query (the first included, whose attention on itself
+  is 1), is strictly above 30%; the rate is the share of heads that are sinks.
+  On short prompts the first query weighs in: with 10 tokens it alone adds
+  0.1 to every head's average.
 * ``sink_rate_papers`` (Baroni et al. 2025, arXiv:2507.02559, their code's
   ``utils.calculate_sink_rate``): the share of (layer, head, query) triples,
   query 0 included, whose attention on position 0 is strictly above 0.3.  This
@@ -27,9 +31,10 @@ class AttentionSummary:
     name: str
     ln_free: bool
     to_first: np.ndarray
-    """(L, H) mean attention on position 0 over query positions 1..n-1 (NaN with one token)."""
+    """(L, H) mean attention on position 0 over all query positions 0..n-1: Gu et al.'s importance score of the
+    first token (NaN with one token, which attends only to itself)."""
     is_sink: np.ndarray
-    """(L, H) bool: ``to_first >= threshold``."""
+    """(L, H) bool: ``to_first > threshold``."""
     sink_rate: float
     """Gu et al. 2024: share of heads that are sinks (NaN with one token)."""
     threshold: float
@@ -44,8 +49,8 @@ def attention(result, threshold: float = SINK_THRESHOLD) -> tuple[AttentionSumma
     out = []
     for run in result.runs:
         if run.attn_to_first.shape[-1] > 1:
-            to_first = run.attn_to_first[:, :, 1:].astype(np.float64).mean(-1)
-            is_sink = to_first >= threshold
+            to_first = run.attn_to_first.astype(np.float64).mean(-1)  # every query, the first included
+            is_sink = to_first > threshold
             rate = float(is_sink.mean())
         else:
             to_first = np.full(run.attn_to_first.shape[:2], np.nan)

@@ -21,6 +21,16 @@ Finer splits: an attention layer's write is the sum of its heads
 source tokens weighted by the attention pattern; an MLP's write is a sum over
 neurons (``post_i W_out[i]``) plus its bias.  Each split adds up to its parent.
 
+Where a head's *value bias* goes is a convention (``value_bias``).  Each head's
+value vectors carry a bias ``b_V`` (``ln_1``'s bias folded into it); since a
+head's attention sums to 1, its output holds ``b_V W_O`` whatever it attends
+to.  ``"head"`` (the default here) counts that in the head.  ``"b_O"`` moves
+it into the layer's bias term, as TransformerLens' default
+``fold_value_biases=True`` does, and so as the papers' ``run_analysis.py``
+measured heads (their 49.07% NMAE).  Either way the components, and so
+components + constant = logit difference, are unchanged: only the split of a
+layer between its heads and its bias moves.
+
 We do not use TransformerLens' ``direct_logit_attribution`` here because it
 returns no constant term and rejects a non-identity final norm (the LN-free
 checkpoints' ``ln_f`` weight), and it needs a TransformerBridge.
@@ -65,6 +75,8 @@ class DirectLogitAttribution:
     """(L,) contribution of each MLP's output bias."""
     method: str
     """One line saying how the values were computed."""
+    value_bias: str = "head"
+    """Where each head's value bias ``b_V W_O`` is counted: ``head`` (in ``heads``) or ``b_O`` (in ``attn_bias``)."""
 
     def top_neurons(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The ``k`` neurons with the largest absolute contribution, as ``(layer, neuron, value)``."""
@@ -81,19 +93,45 @@ def project(vectors: np.ndarray, u: np.ndarray, scale: float) -> np.ndarray:
     return ((x - x.mean(-1, keepdims=True)) @ u.astype(np.float64)) / scale
 
 
-def head_dla(att) -> np.ndarray:
+VALUE_BIAS = {
+    "head": "each head's value bias b_V (with ln_1's bias) is counted in the head",
+    "b_O": "each head's value bias b_V (with ln_1's bias) is counted in the layer's b_O, as TransformerLens' "
+           "fold_value_biases (the papers' convention)",
+}
+"""The two conventions for a head's value bias, by name, each in one line."""
+
+
+def head_outputs(att, value_bias: str = "head") -> np.ndarray:
+    """(L, H, d) each head's write at the position under a value-bias convention (see the module docstring)."""
+    if value_bias not in VALUE_BIAS:
+        raise ValueError(f"unknown value-bias convention {value_bias!r}: one of {', '.join(VALUE_BIAS)}")
+    out = att.head_out.astype(np.float64)
+    return out if value_bias == "head" else out - att.value_bias_out
+
+
+def head_dla(att, value_bias: str = "head") -> np.ndarray:
     """(L, H) each head's DLA from a run's :class:`~noln_core.compare.AttributionCapture`: the one definition,
     which :mod:`noln_core.analyses.direct_effect` sets against the true direct effect."""
-    return project(att.head_out, att.u, att.scale)
+    return project(head_outputs(att, value_bias), att.u, att.scale)
 
 
-def direct_logit_attribution(result) -> tuple[DirectLogitAttribution, ...] | None:
-    """DLA for every model of a :class:`~noln_core.compare.RunResult`; None when it has no target."""
+def direct_logit_attribution(result, value_bias: str = "head") -> tuple[DirectLogitAttribution, ...] | None:
+    """DLA for every model of a :class:`~noln_core.compare.RunResult`; None when it has no target.
+
+    ``value_bias`` says where each head's value bias is counted: ``head`` or ``b_O`` (see the module docstring).
+    """
     if result.target is None:
         return None
     out = []
     for run in result.runs:
         att = run.attribution
+        heads = head_dla(att, value_bias)
+        attn_bias = project(att.attn_bias, att.u, att.scale)
+        head_source = att.head_source.astype(np.float64) / att.scale
+        if value_bias == "b_O":  # the bias part of each head, and of each source's share, moves to the layer's bias
+            moved = project(att.value_bias_out, att.u, att.scale)  # (L, H)
+            attn_bias = attn_bias + moved.sum(-1)
+            head_source = head_source - att.source_attention.astype(np.float64) * moved[..., None]
         values = project(att.components, att.u, att.scale)
         total = float(values.sum() + att.constant)
         if att.ln_free:
@@ -104,9 +142,9 @@ def direct_logit_attribution(result) -> tuple[DirectLogitAttribution, ...] | Non
         out.append(DirectLogitAttribution(
             name=run.name, ln_free=att.ln_free, exact=att.ln_free, labels=att.component_labels, values=values,
             constant=att.constant, logit_diff=att.logit_diff, error=abs(total - att.logit_diff), scale=att.scale,
-            heads=head_dla(att), attn_bias=project(att.attn_bias, att.u, att.scale),
-            head_source=att.head_source.astype(np.float64) / att.scale, neurons=att.neurons.astype(np.float64) / att.scale,
-            mlp_bias=att.mlp_bias.astype(np.float64) / att.scale, method=method,
+            heads=heads, attn_bias=attn_bias, head_source=head_source,
+            neurons=att.neurons.astype(np.float64) / att.scale,
+            mlp_bias=att.mlp_bias.astype(np.float64) / att.scale, method=method, value_bias=value_bias,
         ))
     return tuple(out)
 

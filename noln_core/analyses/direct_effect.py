@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..readout import readout
-from .attribution import head_dla
+from .attribution import head_dla, head_outputs
 
 
 @dataclass(frozen=True)
@@ -38,22 +38,28 @@ class HeadDirectEffect:
     """(L, H) true change of the logit difference when the head's direct path is removed."""
     nmae: float
     """``sum |dla - direct_effect| / sum |direct_effect|`` (0 when every direct effect is 0)."""
+    value_bias: str = "head"
+    """Where each head's value bias is counted (``head`` or ``b_O``; :mod:`.attribution`)."""
 
 
-def head_direct_effects(result) -> tuple[HeadDirectEffect, ...] | None:
-    """Per-head direct effects for every model; None when the run has no target."""
+def head_direct_effects(result, value_bias: str = "head") -> tuple[HeadDirectEffect, ...] | None:
+    """Per-head direct effects for every model; None when the run has no target.
+
+    ``value_bias``: whether a head's write includes its value bias (``head``) or leaves it to ``b_O`` (the
+    papers' TransformerLens convention); the direct effect removes whatever the head is taken to write.
+    """
     if result.target is None:
         return None
     out = []
     for run in result.runs:
         att = run.attribution
         x = att.accumulated[-1].astype(np.float64)
-        r = att.head_out.astype(np.float64)
+        r = head_outputs(att, value_bias)
         full = readout(x, att.u, att.constant, att.eps, att.ln_free)
         without = readout(x[None, None, :] - r, att.u, att.constant, att.eps, att.ln_free)
         effect = full - without
-        dla = head_dla(att)
+        dla = head_dla(att, value_bias)
         denom = float(np.abs(effect).sum())
         nmae = float(np.abs(dla - effect).sum() / denom) if denom > 0 else 0.0
-        out.append(HeadDirectEffect(run.name, att.ln_free, dla, effect, nmae))
+        out.append(HeadDirectEffect(run.name, att.ln_free, dla, effect, nmae, value_bias))
     return tuple(out)

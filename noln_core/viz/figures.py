@@ -291,14 +291,17 @@ def attention_patterns(names: Sequence[str], patterns: Sequence[np.ndarray], lay
 
 
 def sink_heatmaps(summaries: Sequence[AttentionSummary]) -> go.Figure:
-    """Mean attention on the first token, layer × head, per model (sinks are ≥ the threshold)."""
+    """Mean attention on the first token over every query (Gu et al.'s score), layer × head, per model (sinks are
+    above the threshold)."""
     fig = make_subplots(rows=1, cols=len(summaries), horizontal_spacing=0.06,
                         subplot_titles=[f"{model_label(i, s.name)}: sink rate {s.sink_rate:.1%}" for i, s in enumerate(summaries)])
     for i, s in enumerate(summaries):
         fig.add_trace(go.Heatmap(z=s.to_first, zmin=0, zmax=1, colorscale=SEQUENTIAL, showscale=i == 0,
                                  colorbar=dict(title="to first"),
-                                 hovertemplate="L%{y} H%{x}<br>%{z:.3f} of attention on position 0<extra></extra>"),
+                                 hovertemplate="L%{y} H%{x}<br>%{z:.3f} of attention on position 0, averaged over "
+                                               "every position<extra></extra>"),
                       row=1, col=i + 1)
     _grid_axes(fig, *summaries[0].to_first.shape)
-    fig.update_layout(title=f"Attention to the first token (sink: ≥ {summaries[0].threshold:.0%})", height=420)
+    fig.update_layout(title=f"Attention to the first token, mean over all positions (sink: > {summaries[0].threshold:.0%})",
+                      height=420)
     return fig

@@ -200,6 +200,8 @@ def head_patterns(models: tuple[LoadedModel, ...], key: RunKey, result: RunResul
     return _kept_with_run(key, result, f"pattern:{layer}:{head}", compute)
 
 
-def analysis(fn: Callable[[RunResult], Any], key: RunKey, result: RunResult) -> Any:
-    """``fn(result)`` (an analysis of :mod:`noln_core.analyses`), computed once per run and kept with it."""
-    return _kept_with_run(key, result, f"{fn.__module__}.{fn.__qualname__}", lambda: fn(result))
+def analysis(fn: Callable[..., Any], key: RunKey, result: RunResult, **options: Any) -> Any:
+    """``fn(result, **options)`` (an analysis of :mod:`noln_core.analyses`), computed once per run and options,
+    and kept with the run."""
+    name = f"{fn.__module__}.{fn.__qualname__}" + "".join(f":{k}={v}" for k, v in sorted(options.items()))
+    return _kept_with_run(key, result, name, lambda: fn(result, **options))

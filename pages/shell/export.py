@@ -71,7 +71,8 @@ def current_view(result: RunResult, s: AppState, tour_figure: str | None = None)
         page = "overview"
     return View(models=tuple(m for m in (s.model_a, s.model_b, s.model_c) if m), text=s.text,
                 answer=s.answer or None, counterfactual=s.counterfactual or None, position=result.position,
-                bos=s.bos, page=page, device="cpu", dtype=s.dtype, options={"layer": s.attr_layer or 0})
+                bos=s.bos, page=page, device="cpu", dtype=s.dtype,
+                options={"layer": s.attr_layer or 0, "value_bias": s.attr_vbias})
 
 
 def open_in_python(result: RunResult) -> None:

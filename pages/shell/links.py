@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlencode
 
+from noln_core.analyses.attribution import VALUE_BIAS
 from noln_core.loading import is_valid_repo_id
 from noln_core.model import DTYPES as MODEL_DTYPES
 from noln_core.registry import REGISTRY, default_pair, parse_spec
@@ -21,6 +22,7 @@ from pages.shell.limits import MAX_TEXT_CHARS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = tuple(MODEL_DTYPES)
+VALUE_BIASES = tuple(VALUE_BIAS)
 MAX_LAYER = 1024
 """Layer and head indices in a link are checked against this; a page clamps them to its models."""
 
@@ -65,6 +67,8 @@ class AppState:
     page: str = PAGE_NAMES[0]
     attr_layer: int | None = None
     """Attribution page: the layer of the source-token view (None: the last)."""
+    attr_vbias: str = "head"
+    """Attribution page: where each head's value bias is counted, ``head`` or ``b_O`` (the papers' convention)."""
     attn_layer: int = 0
     """Attention page: the layer and head whose pattern is shown."""
     attn_head: int = 0
@@ -201,7 +205,7 @@ def parse_query(params, allow_local: bool = True, base: AppState | None = None, 
                 changes[key] = int(value)
             else:
                 notes.append(f"ignored {key} {value[:20]!r}: use a layer or head number")
-    for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("page", PAGE_NAMES)):
+    for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("page", PAGE_NAMES), ("attr_vbias", VALUE_BIASES)):
         value = get(key)
         if value is not None:
             if value in allowed:
@@ -224,6 +228,8 @@ def to_query(state: AppState) -> dict[str, str]:
                   "dtype": state.dtype, "page": state.page})
     if state.attr_layer is not None:
         query["attr_layer"] = str(state.attr_layer)
+    if state.attr_vbias != "head":
+        query["attr_vbias"] = state.attr_vbias
     query.update({"attn_layer": str(state.attn_layer), "attn_head": str(state.attn_head),
                   "norms_first": "1" if state.norms_first else "0"})
     if state.present:

@@ -91,7 +91,7 @@ def head_patterns(layer: int, head: int) -> list[np.ndarray]:
     return cache.head_patterns(st.session_state[_MODELS], key, result, layer, head)
 
 
-def analysis(fn: Callable[[RunResult], Any]) -> Any:
-    """A cached analysis of the current run: pass the function, e.g. ``analysis(next_token)``."""
+def analysis(fn: Callable[..., Any], **options: Any) -> Any:
+    """A cached analysis of the current run: pass the function, e.g. ``analysis(next_token)``, and its options."""
     key, result = st.session_state[_RUN]
-    return cache.analysis(fn, key, result)
+    return cache.analysis(fn, key, result, **options)

@@ -13,8 +13,9 @@ result = current_run()
 if result is not None:
     summaries = analysis(attention)
     st.markdown(
-        "Two definitions of the *sink rate*, each with its source. **Gu et al. 2024**: the share of heads whose "
-        "attention on the first token, averaged over the later positions, is at least 30% (the heatmap). "
+        "Two definitions of the *sink rate*, each as its authors' code computes it. **Gu et al. 2024** "
+        "(`compute_attention_sink`): the share of heads whose attention on the first token, averaged over every "
+        "position (the first one, which can only attend to itself, included), is above 30% (the heatmap). "
         "**Baroni et al. 2025's code** (`calculate_sink_rate`): the share of (layer, head, query) triples, the first "
         "query included, whose attention on the first token is above 0.3; their GPT-2 medium figure, 55.3% → 45.3% "
         "once LayerNorm is gone, uses it over a corpus. Sinks let a head do nothing. For corpus-level rates with "

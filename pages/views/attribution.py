@@ -3,6 +3,7 @@
 import streamlit as st
 
 from noln_core.analyses import direct_logit_attribution, exactness_tolerance, head_direct_effects
+from noln_core.analyses.attribution import VALUE_BIAS
 from noln_core.viz import figures, tables
 from pages.shell.display import figure, md
 from pages.shell.runs import analysis, current_run
@@ -11,11 +12,18 @@ from pages.shell.state import bound
 st.header("Attribution: who wrote the logit difference?")
 result = current_run()
 if result is not None:
-    dlas = analysis(direct_logit_attribution)
+    value_bias = bound("attr_vbias", st.radio, "Each head's value bias b_V is counted in", list(VALUE_BIAS),
+                       clamp=lambda v: v if v in VALUE_BIAS else "head", horizontal=True,
+                       format_func=lambda v: {"head": "the head (this app)",
+                                              "b_O": "the layer's b_O (TransformerLens, the papers)"}[v],
+                       help="Since a head's attention sums to 1, its output always holds b_V W_O. TransformerLens "
+                            "folds it into b_O by default, so the papers' per-head numbers leave it out. Only the split "
+                            "between heads and the bias term changes; the components and their sum do not.")
+    dlas = analysis(direct_logit_attribution, value_bias=value_bias)
     if dlas is None:
         st.info("Pick an answer and a counterfactual token in the sidebar.")
     else:
-        effects = analysis(head_direct_effects)
+        effects = analysis(head_direct_effects, value_bias=value_bias)
         st.markdown(
             "Direct logit attribution splits the logit difference into what each component wrote into the residual "
             "stream, read through the unembedding. With LayerNorm the final LN's scale must be frozen at its cached "
@@ -29,7 +37,7 @@ if result is not None:
             within = "within" if d.error <= exactness_tolerance(d.logit_diff) else "outside"
             col.caption(f"Σ components {d.values.sum():+.5f} + constant {d.constant:+.5f} vs logit difference "
                         f"{d.logit_diff:+.5f}: error {d.error:.1e} ({within} float32 tolerance). Method: {d.method}. "
-                        f"DLA vs direct effect over heads: NMAE {e.nmae:.2%}.")
+                        f"DLA vs direct effect over heads: NMAE {e.nmae:.2%}; {VALUE_BIAS[d.value_bias]}.")
         figure(figures.dla_components_chart(dlas), "dla_components", tables.dla_frame(dlas))
         heads = tables.heads_frame(dlas, effects)
         figure(figures.head_heatmaps(dlas), "dla_heads", heads)

@@ -22,12 +22,17 @@ def test_patterns_equal_hf(result, ln_dir, noln_dir):
         assert np.all(np.triu(summary.patterns, k=1) == 0)
 
 
-def test_sink_rate_matches_definition(result, ln_dir):
-    ref = np.stack([a.numpy() for a in hf_run(ln_dir, list(result.token_ids))["attentions"]])
-    to_first = ref[:, :, 1:, 0].mean(-1)
+def test_sink_rate_is_gu_et_al_s_code(result, ln_dir):
+    """compute_attention_sink (sail-sg/Attention-Sink): the first token's mean attention over all queries, > 0.3."""
+    import torch
+
+    import papers
+
+    attentions = hf_run(ln_dir, list(result.token_ids))["attentions"]
     summary = attention(result)[0]
-    np.testing.assert_allclose(summary.to_first, to_first, atol=1e-5)
-    assert summary.sink_rate == pytest.approx(float((to_first >= 0.3).mean()))
+    assert summary.sink_rate == pytest.approx(papers.compute_attention_sink([a[None] for a in attentions]))
+    ref = torch.stack(attentions).numpy()
+    np.testing.assert_allclose(summary.to_first, ref[:, :, :, 0].mean(-1), atol=1e-5)  # query 0 included
 
 
 def test_papers_sink_rate_counts_every_query_above_the_threshold(result, ln_dir):
@@ -41,8 +46,8 @@ def test_papers_sink_rate_counts_every_query_above_the_threshold(result, ln_dir)
 
 
 def test_threshold_is_a_parameter(result):
-    low, high = attention(result, threshold=0.0)[0], attention(result, threshold=1.01)[0]
-    assert low.sink_rate == 1.0 and high.sink_rate == 0.0 and high.threshold == 1.01
+    low, high = attention(result, threshold=0.0)[0], attention(result, threshold=1.0)[0]
+    assert low.sink_rate == 1.0 and high.sink_rate == 0.0 and high.threshold == 1.0
 
 
 def test_attention_to_first_is_kept_without_full_patterns(ln_model):

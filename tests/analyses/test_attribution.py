@@ -75,9 +75,11 @@ def test_leaving_out_the_constant_breaks_the_sum(ln_model, noln_model):
     assert abs(dla.values.sum() - dla.logit_diff) == pytest.approx(abs(dla.constant), abs=1e-4)
 
 
-def test_finer_splits_add_up(case):
-    for dla in direct_logit_attribution(case):
+@pytest.mark.parametrize("value_bias", ["head", "b_O"])
+def test_finer_splits_add_up(case, value_bias):
+    for dla in direct_logit_attribution(case, value_bias=value_bias):
         attn, mlp = dla.values[2::2], dla.values[3::2]
+        assert dla.value_bias == value_bias
         np.testing.assert_allclose(dla.heads.sum(1) + dla.attn_bias, attn, atol=1e-5)
         np.testing.assert_allclose(dla.head_source.sum(-1), dla.heads, atol=1e-5)
         np.testing.assert_allclose(dla.neurons.sum(1) + dla.mlp_bias, mlp, atol=1e-4)
@@ -101,6 +103,37 @@ def test_head_dla_equals_recomputation_from_hf(case, noln_dir):
         for h in range(H):
             out = z[h * dh:(h + 1) * dh] @ W_O[h * dh:(h + 1) * dh]
             assert dla.heads[layer, h] == pytest.approx(float((out - out.mean()) @ u), abs=1e-5)
+
+
+def test_value_biases_in_b_o_move_between_heads_and_bias_only(case, ln_dir, noln_dir):
+    """The papers' convention (TransformerLens' fold_value_biases): each head's write is (z_h - b_V^h) W_O^h, b_V
+    with ln_1's bias folded in; the layer's bias term takes the rest, and the components and the sum stay exact."""
+    heads_in_head = direct_logit_attribution(case)
+    heads_in_bias = direct_logit_attribution(case, value_bias="b_O")
+    p, t = case.position, case.target
+    for a, b, directory in zip(heads_in_head, heads_in_bias, (ln_dir, noln_dir)):
+        np.testing.assert_array_equal(a.values, b.values)
+        assert b.error == a.error and b.constant == a.constant
+        np.testing.assert_allclose(b.heads.sum(1) + b.attn_bias, a.heads.sum(1) + a.attn_bias, atol=1e-5)
+        ref = hf_run(directory, list(case.token_ids))
+        model = ref["model"]
+        W_E = model.transformer.wte.weight.double()
+        w_f = model.transformer.ln_f.weight.double() / (1e6 if a.ln_free else 1.0)
+        u = w_f * (W_E[t.answer_id] - W_E[t.counterfactual_id])
+        u = u - u.mean()
+        H, d = model.config.n_head, model.config.n_embd
+        dh = d // H
+        for layer, block in enumerate(model.transformer.h):
+            W_V = block.attn.c_attn.weight.double()[:, 2 * d:]
+            b_V = block.attn.c_attn.bias.double()[2 * d:] + block.ln_1.bias.double() @ W_V
+            W_O = block.attn.c_proj.weight.double()
+            z = ref["z"][layer][p] - b_V
+            for h in range(H):
+                out = z[h * dh:(h + 1) * dh] @ W_O[h * dh:(h + 1) * dh]
+                assert b.heads[layer, h] == pytest.approx(float((out - out.mean()) @ u) / b.scale, abs=1e-5)
+    assert not np.allclose(heads_in_head[0].heads, heads_in_bias[0].heads, atol=1e-4)  # a real difference
+    with pytest.raises(ValueError, match="value-bias"):
+        direct_logit_attribution(case, value_bias="nowhere")
 
 
 def test_top_neurons_are_the_largest(case):

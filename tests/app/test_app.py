@@ -300,6 +300,9 @@ def test_page_widgets_are_in_the_link(ln_dir, noln_dir):
     assert at.slider(key="w_attr_layer").value == 1
     at.slider(key="w_attr_layer").set_value(0).run()
     assert at.query_params["attr_layer"] == "0"
+    at.radio(key="w_attr_vbias").set_value("b_O").run()  # the papers' value-bias convention, said on the page
+    assert at.query_params["attr_vbias"] == "b_O"
+    assert any("fold_value_biases" in c.value for c in at.caption)
     at.switch_page("pages/views/residual_norms.py").run()
     assert at.toggle(key="w_norms_first").value is False
     at.toggle(key="w_norms_first").set_value(True).run()
