@@ -24,6 +24,7 @@ from .compare import RunResult, compare
 from .errors import InputError, NolnError
 from .loading import load_model
 from .model import DTYPES
+from .corpus import SAMPLINGS
 from .study.measure import METRICS, NMAE_TARGETS
 from .study.results import json_safe
 from .notebook import VIEWS as NOTEBOOK_VIEWS
@@ -220,23 +221,36 @@ def _parser() -> argparse.ArgumentParser:
                     "first token's residual norm, attention-sink rates and exploding tokens; per pair: KL both "
                     "ways, JS, top-1 agreement and where the losses part. Run it under `accelerate launch -m "
                     "noln_core study ...` to shard the sequences over processes. Rerunning resumes.")
-    st.add_argument("--model", action="append", required=True, metavar="SRC[@REV]",
+    st.add_argument("--reproduce", default=None, metavar="NAME",
+                    help="set everything as one of the papers' figures did (models, dataset, sampling, length, rows, "
+                         "metrics, definitions); `--reproduce list` names them. Other flags override a setting, and "
+                         "the report then says that the published numbers no longer apply")
+    st.add_argument("--model", action="append", default=None, metavar="SRC[@REV]",
                     help="a model (repeat: 1 to about 12); the first is the reference of --pairs first")
-    st.add_argument("--data", required=True, metavar="PATH_OR_DATASET",
+    st.add_argument("--data", default=None, metavar="PATH_OR_DATASET",
                     help="a .txt file (one document), a directory (a document per file), a .jsonl file, 'demo' "
                          "(the bundled held-out sample), or a Hugging Face dataset name[:config]")
     st.add_argument("--field", default=None, help="JSONL field or dataset column (default text; input_ids if present)")
-    st.add_argument("--split", default="train", help="dataset split (default train)")
+    st.add_argument("--split", default=None, help="dataset split (default train)")
+    st.add_argument("--sampling", default=None, choices=list(SAMPLINGS),
+                    help="how rows become sequences (default stream: joined and cut into chunks; first-tokens: each "
+                         "row's first --seq-len tokens; pile-eval and owt-eval: as the papers' CE scripts; README)")
+    st.add_argument("--rows", type=int, default=None, help="read only the first R rows (after --shuffle-seed)")
+    st.add_argument("--shuffle-seed", type=int, default=None,
+                    help="shuffle the rows first with this seed (the datasets library's own shuffles)")
+    st.add_argument("--chunk", type=int, default=None,
+                    help="cut the joined stream into chunks of this length and analyse the first --seq-len tokens of "
+                         "each (sink_rate.py analyses 512 of 1024)")
     st.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024, or the context)")
     st.add_argument("--max-tokens", type=int, default=None, help="budget: analyse at most this many tokens")
     st.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default 8)")
     st.add_argument("--positions", type=int, default=16, metavar="K",
                     help="loss by position: the first K positions one by one, then doubling ranges (default 16)")
-    st.add_argument("--bos", action="store_true",
+    st.add_argument("--bos", action="store_true", default=None,
                     help="prepend <|endoftext|> to every sequence (the papers do not; see the README)")
-    st.add_argument("--metrics", default="all",
+    st.add_argument("--metrics", default=None,
                     help="comma list of " + ",".join(METRICS) + " (default all; ce is always measured)")
-    st.add_argument("--nmae-target", default="last-token", choices=list(NMAE_TARGETS),
+    st.add_argument("--nmae-target", default=None, choices=list(NMAE_TARGETS),
                     help="last-token: the papers' definition (default); logit-diff: this app's")
     st.add_argument("--pairs", default="all", choices=["all", "first"], help="compare all pairs, or each with the first")
     st.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for ECE and NMAE intervals")
@@ -356,33 +370,69 @@ def _run_remove_ln(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_study(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _study_plan(args: argparse.Namespace):
+    """The study the flags ask for: a figure's settings (``--reproduce``), each overridden by any flag given."""
+    from dataclasses import replace
 
-    from .study import Settings, parse_corpus, run_study
-    from .study.engine import accelerate_world
-    from .study.report import markdown, write_outputs
-    from .study.results import to_json
+    from .corpus import Sampling, parse_corpus
+    from .study.published import resolve
 
-    metrics = tuple(METRICS) if args.metrics == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    figure = resolve(args.reproduce) if args.reproduce else None
+    if figure is None and (not args.model or not args.data):
+        raise InputError("a study needs --model (one or more) and --data, or --reproduce NAME (`--reproduce list`)")
+
+    def pick(given, from_figure, default):
+        return given if given is not None else (from_figure if figure is not None else default)
+
+    sampling = figure.sampling if figure else Sampling()
+    changes = {k: v for k, v in (("method", args.sampling), ("rows", args.rows), ("seed", args.shuffle_seed),
+                                 ("chunk", args.chunk)) if v is not None}
+    if changes:
+        sampling = replace(Sampling() if args.sampling and args.sampling != sampling.method else sampling, **changes)
+    data = pick(args.data, figure and figure.dataset, None)
+    field = pick(args.field, figure and figure.column, None)
+    corpus = parse_corpus(data, field, pick(args.split, figure and figure.split, "train"), sampling=sampling)
+    metrics = (tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics
+               else (figure.metrics if figure else tuple(METRICS)))
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise InputError(f"unknown metric {unknown[0]!r}: choose from {', '.join(METRICS)}")
+    return dict(
+        models=list(args.model) if args.model else list(figure.models), corpus=corpus,
+        seq_len=pick(args.seq_len, figure and figure.seq_len, None),
+        max_tokens=pick(args.max_tokens, figure and figure.max_tokens, None), bos=pick(args.bos, figure and figure.bos,
+                                                                                     False),
+        metrics=tuple(sorted(set(metrics) | {"ce"}, key=METRICS.index)),
+        nmae_target=pick(args.nmae_target, figure and figure.nmae_target, "last-token"))
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .study import Settings, run_study
+    from .study.engine import accelerate_world
+    from .study.published import listing
+    from .study.report import markdown, write_outputs
+    from .study.results import to_json
+
+    if args.reproduce == "list":
+        print(listing())
+        return 0
     for flag, value, least in (("--batch", args.batch, 1), ("--positions", args.positions, 1),
                                ("--bootstrap", args.bootstrap, 0)):
         if value < least:
             raise InputError(f"{flag} {value} must be at least {least}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise InputError(f"--max-tokens {args.max_tokens} must be positive")
-    corpus = parse_corpus(args.data, args.field, args.split)
+    plan = _study_plan(args)
+    corpus = plan["corpus"]
     world, device = accelerate_world(args.device)
     models = []
-    for spec in args.model:
+    for spec in plan["models"]:
         source, revision = (spec, None) if os.path.exists(os.path.expanduser(spec)) else parse_spec(spec)
         models.append(load_model(source, revision, device=device, dtype=args.dtype, name=spec))
-    settings = Settings(metrics=tuple(sorted(set(metrics) | {"ce"}, key=METRICS.index)), nmae_target=args.nmae_target,
-                        explode_loss=args.explode_loss, explode_norm=args.explode_norm, bootstrap=args.bootstrap,
-                        seed=args.seed, pairs=args.pairs)
+    settings = Settings(metrics=plan["metrics"], nmae_target=plan["nmae_target"], explode_loss=args.explode_loss,
+                        explode_norm=args.explode_norm, bootstrap=args.bootstrap, seed=args.seed, pairs=args.pairs)
     bar = None
 
     def progress(p) -> None:
@@ -396,8 +446,8 @@ def _run_study(args: argparse.Namespace) -> int:
             bar = tqdm(total=p.total, initial=p.resumed_from, desc=desc, unit="seq", file=sys.stderr)
         bar.update(p.done - bar.n)
 
-    result = run_study(models, corpus, seq_len=args.seq_len, batch=args.batch, max_tokens=args.max_tokens,
-                       bos=args.bos, settings=settings, world=world,
+    result = run_study(models, corpus, seq_len=plan["seq_len"], batch=args.batch, max_tokens=plan["max_tokens"],
+                       bos=plan["bos"], settings=settings, world=world,
                        state_dir=Path(os.path.expanduser(args.state_dir)) if args.state_dir else None,
                        restart=args.restart, progress=progress, log=lambda m: print(m, file=sys.stderr))
     if bar is not None:

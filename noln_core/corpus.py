@@ -15,6 +15,35 @@ concatenated as they are), and the stream is cut into consecutive chunks of
 ``seq_len`` tokens, the rest dropped; no BOS.  With ``bos`` every chunk is
 ``<|endoftext|>`` followed by ``seq_len - 1`` tokens of the stream instead.
 
+How rows become sequences is a :class:`Sampling`, one per script of the papers
+(``submarat/removing-layer-norm``, commit 583a9e6), each using ``datasets``' own
+shuffles so that the same rows come out in the same order:
+
+* ``stream`` (the default): every row in order, joined, cut into chunks.  With
+  ``rows`` the first R rows; with ``seed`` a buffered shuffle first
+  (``IterableDataset.shuffle(seed, buffer_size=1000)``).
+* ``first-tokens`` (``mech_interp/load_dataset.py``, lines 59-60 and 72-82, behind
+  ``run_analysis.py``, ``run_inference.py`` and ``residual_norms.py``): the
+  stream shuffled with ``seed`` (buffer 1000), its first R rows, each row's
+  *first* ``seq_len`` tokens; no EOT, no joining.  A row shorter than that is
+  skipped and counted (the papers' collate would fail on it).
+* ``pile-eval`` (``pile_eval.py``, ``preprocess_pile_dataset``, lines 31-89, behind
+  the CE tables and ``sink_rate.py``): a dataset read whole is permuted
+  (``Dataset.shuffle(seed).select(range(R))`` when R is below its size, then
+  ``shuffle(seed)`` again), a streamed one cut to its first R rows then shuffled
+  with a buffer; the rows are joined (text rows end with EOT, token rows as
+  they are) and cut into ``chunk``-token chunks, at most R of them, of which the
+  first ``seq_len`` tokens are analysed (``sink_rate.py``, line 189: 512 of 1024).
+* ``owt-eval`` (``prepare_dataset.py``, lines 16-50, the OpenWebText column):
+  ``train_test_split(test_size=0.0005, seed=2357)``'s test split, mapped in
+  ``shards`` contiguous shards (their ``num_proc=32``) of batches of 512 rows;
+  each batch's texts, each followed by EOT, joined and cut into 1024-token
+  chunks, its remainder dropped.
+
+Offline, a dataset comes from ``datasets``' local cache as one shard; the papers
+streamed from the hub, which for a dataset of several data files also shuffles
+the order of the files.  The two agree for datasets of one file.
+
 The chunks are written once to a file of token ids (memory-mapped, so memory
 stays bounded whatever the corpus), which every process of a study then reads.
 """
@@ -22,6 +51,7 @@ stays bounded whatever the corpus), which every process of a study then reads.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -33,6 +63,65 @@ import numpy as np
 from .errors import InputError
 from .paths import DEMO_DIR
 from .tokenizer import check_text, decode_utf8
+
+SAMPLINGS = ("stream", "first-tokens", "pile-eval", "owt-eval")
+"""How a corpus becomes sequences (see the module docstring)."""
+SHUFFLE_BUFFER = 1000
+"""``datasets``' default buffer for shuffling a streamed dataset, as the papers' scripts used it."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How rows become sequences; each method follows one of the papers' scripts (the module docstring)."""
+
+    method: str = "stream"
+    rows: int | None = None
+    """Read only the first R rows (after the shuffle; ``pile-eval`` also keeps at most R chunks)."""
+    seed: int | None = None
+    """Shuffle the rows with this seed first (``datasets``' own algorithms); None keeps the corpus's order."""
+    chunk: int | None = None
+    """``stream``/``pile-eval``/``owt-eval``: cut the stream at this length, then analyse each chunk's first
+    ``seq_len`` tokens (default: ``seq_len``)."""
+    streaming: bool = True
+    """``pile-eval``: the dataset is read as a stream (first R rows, then a buffered shuffle) or whole
+    (a permutation of every row)."""
+    test_size: float = 0.0005
+    """``owt-eval``: the held-out share of ``train_test_split``."""
+    split_seed: int = 2357
+    """``owt-eval``: the seed of ``train_test_split``."""
+    shards: int = 32
+    """``owt-eval``: the ``num_proc`` of ``prepare_dataset.py``'s map (its contiguous shards)."""
+    batch_rows: int = 512
+    """``owt-eval``: the map's batch size: rows joined together before chunking."""
+
+    def __post_init__(self) -> None:
+        if self.method not in SAMPLINGS:
+            raise InputError(f"unknown sampling {self.method!r}: one of {', '.join(SAMPLINGS)}")
+        for name in ("rows", "chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"--{name} {value} must be a positive integer")
+        if self.method == "first-tokens" and self.chunk is not None:
+            raise InputError("--chunk applies to joined streams, not to first-tokens sampling")
+        if self.method == "owt-eval" and not (0 < self.test_size < 1 and self.shards >= 1 and self.batch_rows >= 1):
+            raise InputError("owt-eval needs 0 < test size < 1, at least one shard and one row per batch")
+
+    def describe(self, seq_len: int | None = None) -> str:
+        """One line: what the method reads, for reports."""
+        shuffle = "" if self.seed is None else f" after a seeded shuffle (seed {self.seed})"
+        first = f"the first {self.rows:,} rows" if self.rows else "every row"
+        cut = f"chunks of {self.chunk}" if self.chunk else "chunks"
+        keep = f", the first {seq_len} tokens of each" if self.chunk and seq_len and seq_len < self.chunk else ""
+        if self.method == "first-tokens":
+            return f"the first {seq_len or 'N'} tokens of each of {first}{shuffle} (load_dataset.py)"
+        if self.method == "pile-eval":
+            how = "streamed" if self.streaming else "read whole"
+            return f"{first}{shuffle} ({how}), joined, cut into {cut}{keep} (pile_eval.py)"
+        if self.method == "owt-eval":
+            return (f"the {self.test_size:g} test split (seed {self.split_seed}), {self.shards} shards of batches of "
+                    f"{self.batch_rows} rows, each joined and cut into {cut}{keep} (prepare_dataset.py)")
+        return f"{first}{shuffle}, joined, cut into {cut}{keep}"
+
 
 DEMO_CORPUS = "demo"
 """The name of the bundled held-out sample (chapters of the King James Bible the demo models never saw)."""
@@ -52,14 +141,18 @@ class Corpus:
     split: str = "train"
     text: str | None = None
     """The text itself, for ``kind == "text"``."""
+    sampling: Sampling = Sampling()
+    """How its rows become sequences."""
 
     def describe(self) -> str:
         if self.kind == "text":
-            return f"pasted text ({len(self.text or '')} characters)"
-        if self.kind == "dataset":
+            where = f"pasted text ({len(self.text or '')} characters)"
+        elif self.kind == "dataset":
             cfg = f":{self.config}" if self.config else ""
-            return f"{self.source}{cfg} ({self.split}, column {self.field or 'text/input_ids'})"
-        return {"demo": "the bundled held-out sample"}.get(self.kind, self.source)
+            where = f"{self.source}{cfg} ({self.split}, column {self.field or 'text/input_ids'})"
+        else:
+            where = {"demo": "the bundled held-out sample"}.get(self.kind, self.source)
+        return where if self.sampling == Sampling() else f"{where}; {self.sampling.describe()}"
 
     def identity(self) -> dict:
         """What makes two corpora the same for caching and resuming: contents, not names."""
@@ -84,24 +177,26 @@ def _files(corpus: Corpus) -> list[Path]:
     return files
 
 
-def parse_corpus(data: str, field: str | None = None, split: str = "train") -> Corpus:
+def parse_corpus(data: str, field: str | None = None, split: str = "train", sampling: Sampling = Sampling()) -> Corpus:
     """The corpus ``--data`` names: an existing path, ``demo``, or a dataset ``name[:config]``."""
     data = (data or "").strip()
     if not data:
         raise InputError("no corpus: give --data a .txt file, a directory, a .jsonl file, 'demo' or a dataset name")
     if data == DEMO_CORPUS:
-        return Corpus("demo", DEMO_CORPUS)
+        return Corpus("demo", DEMO_CORPUS, sampling=sampling)
     path = Path(os.path.expanduser(data))
     if path.is_dir():
-        return Corpus("dir", data)
+        return Corpus("dir", data, sampling=sampling)
     if path.is_file():
-        return Corpus("jsonl", data, field=field or "text") if path.suffix == ".jsonl" else Corpus("file", data)
+        if path.suffix == ".jsonl":
+            return Corpus("jsonl", data, field=field or "text", sampling=sampling)
+        return Corpus("file", data, sampling=sampling)
     if path.suffix in (".txt", ".jsonl", ".json") or data.startswith((".", "/", "~")):
         raise InputError(f"no such corpus file or directory: {data!r}")
     name, _, config = data.partition(":")
     if name.count("/") > 1 or not name.replace("/", "").replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise InputError(f"{data!r} is neither a file nor a dataset name (owner/name[:config])")
-    return Corpus("dataset", name, field=field, config=config or None, split=split or "train")
+    return Corpus("dataset", name, field=field, config=config or None, split=split or "train", sampling=sampling)
 
 
 def text_corpus(text: str) -> Corpus:
@@ -163,7 +258,12 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
 
 
-def _dataset_rows(corpus: Corpus) -> Iterator[str | list[int]]:
+def _open_dataset(corpus: Corpus, streaming: bool):
+    """``(dataset, column, rows)`` through ``datasets``: streamed, or read whole (a map-style ``Dataset``).
+
+    ``rows`` iterates the rows once, from the first (already read, to check the column); None when the
+    dataset is empty.  Offline a stream is made from the local cache (one shard).  Every failure is one line.
+    """
     try:
         import datasets
     except ImportError:
@@ -172,7 +272,9 @@ def _dataset_rows(corpus: Corpus) -> Iterator[str | list[int]]:
     offline = _offline()
     try:
         # Offline, datasets finds an earlier download in its cache only when not streaming.
-        ds = datasets.load_dataset(corpus.source, corpus.config, split=corpus.split, streaming=not offline)
+        ds = datasets.load_dataset(corpus.source, corpus.config, split=corpus.split, streaming=streaming and not offline)
+        if streaming and isinstance(ds, datasets.Dataset):  # the local cache, read as one stream
+            ds = ds.to_iterable_dataset()
         rows = iter(ds)
         first = next(rows, None)
     except Exception as err:
@@ -188,14 +290,93 @@ def _dataset_rows(corpus: Corpus) -> Iterator[str | list[int]]:
             raise InputError(f"dataset {name!r}: {str(err).splitlines()[0][:300]}") from None
         raise
     if first is None:
-        return
+        return ds, None, None
     column = corpus.field or ("input_ids" if "input_ids" in first else "text")
     if column not in first:
         raise InputError(f"dataset {name!r} has no column {column!r} (it has: {', '.join(sorted(first))}); "
                          "choose one with --field")
-    yield _document(first[column], f"column {column!r} of {name!r}")
+    return ds, column, itertools.chain([first], rows)
+
+
+def _dataset_rows(corpus: Corpus) -> Iterator[str | list[int]]:
+    _, column, rows = _open_dataset(corpus, streaming=True)
+    if rows is None:
+        return
+    name = corpus.source + (f":{corpus.config}" if corpus.config else "")
     for row in rows:
         yield _document(row[column], f"column {column!r} of {name!r}")
+
+
+def _as_dataset(corpus: Corpus, streaming: bool):
+    """The corpus's rows as a ``datasets`` object, so that the papers' shuffles apply to it: ``(ds, column)``."""
+    if corpus.kind == "dataset":
+        ds, column, rows = _open_dataset(corpus, streaming)
+        return (ds, column) if rows is not None else (None, None)
+    import datasets
+
+    first = next(documents(corpus), None)
+    if first is None:
+        return None, None
+    column = "text" if isinstance(first, str) else "input_ids"
+
+    def rows():  # a fresh pass each time datasets asks
+        for doc in documents(corpus):
+            if isinstance(doc, str) != (column == "text"):
+                raise InputError(f"the corpus {corpus.describe()} mixes text and token ids")
+            yield {column: doc}
+
+    if streaming:
+        return datasets.IterableDataset.from_generator(rows), column
+    return datasets.Dataset.from_list(list(rows())), column
+
+
+def _sampled(corpus: Corpus) -> Iterator[list[str | list[int]]]:
+    """The corpus's rows as its :class:`Sampling` orders them, in groups joined before chunking.
+
+    Each group holds one row, except under ``owt-eval``, whose groups are the batches of rows that
+    ``prepare_dataset.py`` joins and chunks on their own.
+    """
+    s = corpus.sampling
+    if s.method in ("stream", "first-tokens") and s.seed is None:  # the corpus's own order: no dataset needed
+        docs = documents(corpus)
+        for doc in (itertools.islice(docs, s.rows) if s.rows else docs):
+            yield [doc]
+        return
+    what = f"column of {corpus.describe()}"
+    if s.method in ("stream", "first-tokens"):  # load_dataset.py, lines 59-60: shuffle(seed=42).take(N), streamed
+        ds, column = _as_dataset(corpus, streaming=True)
+        if ds is None:
+            return
+        ds = ds.shuffle(seed=s.seed, buffer_size=SHUFFLE_BUFFER)
+        if s.rows:
+            ds = ds.take(s.rows)
+        for row in ds:
+            yield [_document(row[column], what)]
+    elif s.method == "pile-eval":  # pile_eval.py, lines 31-47
+        ds, column = _as_dataset(corpus, streaming=s.streaming)
+        if ds is None:
+            return
+        seed = 42 if s.seed is None else s.seed
+        if s.streaming:
+            if s.rows:
+                ds = ds.take(s.rows)
+            ds = ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+        else:
+            if s.rows and s.rows < len(ds):
+                ds = ds.shuffle(seed=seed).select(range(s.rows))
+            ds = ds.shuffle(seed=seed)
+        for row in ds:
+            yield [_document(row[column], what)]
+    else:  # owt-eval: prepare_dataset.py, lines 16-50
+        ds, column = _as_dataset(corpus, streaming=False)
+        if ds is None:
+            return
+        test = ds.train_test_split(test_size=s.test_size, seed=s.split_seed, shuffle=True)["test"]
+        shards = min(s.shards, len(test))  # datasets' map never uses more processes than rows
+        for index in range(shards):
+            shard = test.shard(num_shards=shards, index=index, contiguous=True)
+            for start in range(0, len(shard), s.batch_rows):
+                yield [_document(v, what) for v in shard[start:start + s.batch_rows][column]]
 
 
 @dataclass(frozen=True)
@@ -210,6 +391,8 @@ class Chunks:
     """Documents read (all of them, unless the budget stopped the reading early)."""
     exhausted: bool
     """True when the corpus ran out before the budget did."""
+    skipped: int = 0
+    """Rows too short for a sequence (``first-tokens`` sampling), left out."""
 
     def tokens(self) -> np.ndarray:
         """``(n, seq_len)`` token ids, memory-mapped."""
@@ -221,7 +404,7 @@ class Chunks:
     def load(cls, meta_path: Path) -> "Chunks":
         meta = json.loads(meta_path.read_text())
         return cls(meta_path.parent / meta["file"], meta["n"], meta["seq_len"], meta["bos"], meta["documents"],
-                   meta["exhausted"])
+                   meta["exhausted"], meta.get("skipped", 0))
 
 
 def prepare_chunks(corpus: Corpus, tokenizer, directory: Path, seq_len: int, *, bos: bool = False,
@@ -236,32 +419,53 @@ def prepare_chunks(corpus: Corpus, tokenizer, directory: Path, seq_len: int, *, 
     if max_tokens is not None and max_tokens < seq_len:
         raise InputError(f"the budget of {max_tokens} tokens is smaller than one sequence of {seq_len}: "
                          f"raise --max-tokens to at least {seq_len}")
+    sampling = corpus.sampling
+    body = seq_len - 1 if bos else seq_len
+    cut = sampling.chunk or body
+    if cut < body:
+        raise InputError(f"--chunk {cut} is shorter than a sequence of {seq_len} tokens")
     meta_path = directory / "chunks.json"
     if meta_path.exists():
         return Chunks.load(meta_path)
     directory.mkdir(parents=True, exist_ok=True)
     limit = None if max_tokens is None else max_tokens // seq_len
-    body = seq_len - 1 if bos else seq_len
+    if sampling.method == "pile-eval" and sampling.rows:  # pile_eval.py, line 76: at most num_samples chunks
+        limit = sampling.rows if limit is None else min(limit, sampling.rows)
     tmp = directory / "chunks.u32.partial"
-    n, docs, content, stream, exhausted = 0, 0, 0, [], True
+    n, docs, content, skipped, stream, exhausted = 0, 0, 0, 0, [], True
+
+    def token_ids(doc, eot: bool) -> list[int]:
+        nonlocal content
+        if isinstance(doc, str):
+            ids = tokenizer.encode(doc, add_special_tokens=False).ids
+            content += len(ids)
+            return ids + [eot_id] if eot else ids
+        if doc and (min(doc) < 0 or max(doc) >= d_vocab):
+            raise InputError(f"document {docs} holds token ids outside the vocabulary of {d_vocab}")
+        content += len(doc)
+        return list(doc)
+
     with open(tmp, "wb") as out:
-        for doc in documents(corpus):
-            docs += 1
-            if isinstance(doc, str):
-                ids = tokenizer.encode(doc, add_special_tokens=False).ids
-                content += len(ids)
-                ids.append(eot_id)
+        for group in _sampled(corpus):
+            if sampling.method == "first-tokens":  # each row on its own, its first tokens only, no EOT
+                docs += 1
+                ids = token_ids(group[0], eot=False)
+                if len(ids) < body:
+                    skipped += 1
+                else:
+                    out.write(np.asarray(([eot_id] if bos else []) + ids[:body], dtype=np.uint32).tobytes())
+                    n += 1
             else:
-                ids = doc
-                if ids and (min(ids) < 0 or max(ids) >= d_vocab):
-                    raise InputError(f"document {docs} holds token ids outside the vocabulary of {d_vocab}")
-                content += len(ids)
-            stream.extend(ids)
-            while len(stream) >= body and (limit is None or n < limit):
-                row = ([eot_id] if bos else []) + stream[:body]
-                del stream[:body]
-                out.write(np.asarray(row, dtype=np.uint32).tobytes())
-                n += 1
+                if sampling.method == "owt-eval":  # each batch of rows is chunked on its own
+                    stream = []
+                for doc in group:
+                    docs += 1
+                    stream.extend(token_ids(doc, eot=True))
+                while len(stream) >= cut and (limit is None or n < limit):
+                    row = ([eot_id] if bos else []) + stream[:body]  # a chunk's first tokens
+                    del stream[:cut]
+                    out.write(np.asarray(row, dtype=np.uint32).tobytes())
+                    n += 1
             if limit is not None and n >= limit:
                 exhausted = False
                 break
@@ -269,10 +473,14 @@ def prepare_chunks(corpus: Corpus, tokenizer, directory: Path, seq_len: int, *, 
         tmp.unlink()
         if content == 0:
             raise InputError(f"the corpus ({corpus.describe()}) is empty")
+        if sampling.method == "first-tokens":
+            raise InputError(f"every row of the corpus ({corpus.describe()}) is shorter than {body} tokens: "
+                             "lower --seq-len")
         raise InputError(f"the corpus ({corpus.describe()}) holds {content} tokens, fewer than one sequence "
-                         f"of {seq_len}: lower --seq-len or add text")
+                         f"of {cut}: lower --seq-len or add text")
     final = directory / "chunks.u32"
     tmp.replace(final)
-    meta = {"file": final.name, "n": n, "seq_len": seq_len, "bos": bos, "documents": docs, "exhausted": exhausted}
+    meta = {"file": final.name, "n": n, "seq_len": seq_len, "bos": bos, "documents": docs, "exhausted": exhausted,
+            "skipped": skipped}
     meta_path.write_text(json.dumps(meta))
-    return Chunks(final, n, seq_len, bos, docs, exhausted)
+    return Chunks(final, n, seq_len, bos, docs, exhausted, skipped)

@@ -186,3 +186,122 @@ def test_online_dataset_errors_map_to_one_line(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", rows)
     got = prepare_chunks(parse_corpus("someone/ok"), tok, tmp_path / "ok", 2).tokens()
     assert got.ravel().tolist() == (ids(tok, "alpha beta") + [EOT] + ids(tok, "gamma") + [EOT])[: got.size]
+
+
+# --- Sampling as the papers' scripts sample (their data loading re-implemented in tests/papers.py) ---------------
+
+@pytest.fixture
+def hub_datasets(tmp_path, monkeypatch):
+    """``datasets.load_dataset(NAME, ...)`` reads local JSON rows instead of the hub (the dataset reader mocked);
+    returns ``make(name, rows)`` and the untouched loader, for the reference."""
+    import datasets
+
+    real = datasets.load_dataset
+    files: dict[str, str] = {}
+
+    def load(name, config=None, split=None, streaming=False, **kw):
+        if name not in files:
+            return real(name, config, split=split, streaming=streaming, **kw)
+        return real("json", data_files={"train": files[name]}, split=split, streaming=streaming)
+
+    def make(name, rows):
+        path = tmp_path / f"{name.replace('/', '__')}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files[name] = str(path)
+        return lambda streaming: real("json", data_files={"train": str(path)}, split="train", streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    return make
+
+
+def _online(monkeypatch, online: bool):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", not online)
+    if online:
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+
+def _token_rows(n, rng, low=10, high=40):
+    return [{"input_ids": rng.integers(0, 50000, size=int(rng.integers(low, high))).tolist()} for _ in range(n)]
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_first_tokens_are_load_dataset_py(tok, tmp_path, hub_datasets, monkeypatch, online):
+    """mech_interp/load_dataset.py: shuffle(seed=42).take(R) of the stream, each row's first N tokens."""
+    import papers
+
+    from noln_core.corpus import Sampling
+
+    _online(monkeypatch, online)
+    reference = hub_datasets("someone/pile-filtered", _token_rows(2500, np.random.default_rng(0)))
+    corpus = parse_corpus("someone/pile-filtered", sampling=Sampling("first-tokens", rows=1000, seed=42))
+    got = chunks_of(tok, corpus, tmp_path, 8)
+    assert got.tolist() == papers.load_dataset_rows(reference(True), 1000, 8)
+    assert got[0].tolist() != reference(True).take(1).__iter__().__next__()["input_ids"][:8]  # it did shuffle
+
+
+def test_first_tokens_skips_and_counts_short_rows(tok, tmp_path, hub_datasets):
+    from noln_core.corpus import Sampling
+
+    rows = [{"input_ids": list(range(1, 1 + n))} for n in (12, 3, 9, 2, 10)]
+    hub_datasets("someone/short", rows)
+    chunks = prepare_chunks(parse_corpus("someone/short", sampling=Sampling("first-tokens")), tok, tmp_path / "s", 8)
+    assert chunks.tokens().tolist() == [list(range(1, 9))] * 3 and chunks.skipped == 2
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_pile_eval_is_pile_eval_py(tok, tmp_path, hub_datasets, monkeypatch, streaming):
+    """pile_eval.py: permuted (read whole: shuffle, select R, shuffle) or streamed (take R, shuffle), joined,
+    at most R chunks; sink_rate.py then analyses each chunk's first half."""
+    import papers
+
+    from noln_core.corpus import Sampling
+
+    _online(monkeypatch, True)
+    reference = hub_datasets("someone/pile", _token_rows(1500, np.random.default_rng(1)))
+    expected = papers.preprocess_pile_dataset(reference(streaming) if streaming else reference(False), 900,
+                                              streaming, block_size=32)
+    sampling = Sampling("pile-eval", rows=900, seed=42, chunk=32, streaming=streaming)
+    got = chunks_of(tok, parse_corpus("someone/pile", sampling=sampling), tmp_path / "a", 32)
+    assert got.tolist() == expected and len(expected) < 900  # 900 rows of ~25 tokens: fewer chunks than rows
+    halves = chunks_of(tok, parse_corpus("someone/pile", sampling=sampling), tmp_path / "b", 16)
+    assert halves.tolist() == papers.sink_rate_inputs(expected, 16)
+
+
+def test_owt_eval_is_prepare_dataset_py(tok, tmp_path, hub_datasets):
+    """prepare_dataset.py: the test split, mapped in num_proc contiguous shards of batches, each batch joined with
+    EOT and chunked on its own (the remainder of each batch dropped)."""
+    import papers
+
+    from noln_core.corpus import Sampling
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    rng = np.random.default_rng(2)
+    rows = [{"text": " ".join(rng.choice(words, size=int(rng.integers(3, 30))))} for _ in range(400)]
+    reference = hub_datasets("someone/owt", rows)
+    encode = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    expected = papers.prepare_owt(reference(False), encode, EOT, test_size=0.25, num_proc=3, batch_size=7, block=16)
+    sampling = Sampling("owt-eval", test_size=0.25, shards=3, batch_rows=7, chunk=16)
+    got = chunks_of(tok, parse_corpus("someone/owt", sampling=sampling), tmp_path, 16)
+    assert got.tolist() == expected and len(expected) > 10
+
+
+def test_seeded_shuffles_of_local_files_are_reproducible(tok, tmp_path):
+    from noln_core.corpus import Sampling
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(50)))
+    plain = chunks_of(tok, parse_corpus(str(path)), tmp_path / "p", 4)
+    a = chunks_of(tok, parse_corpus(str(path), sampling=Sampling(seed=3)), tmp_path / "a", 4)
+    b = chunks_of(tok, parse_corpus(str(path), sampling=Sampling(seed=3)), tmp_path / "b", 4)
+    assert a.tolist() == b.tolist() and a.tolist() != plain.tolist() and sorted(a.ravel()) == sorted(plain.ravel())
+
+
+def test_bad_samplings_get_one_line():
+    from noln_core.corpus import Sampling
+
+    for kwargs, message in (({"method": "random"}, "unknown sampling"), ({"rows": 0}, "--rows 0"),
+                            ({"method": "first-tokens", "chunk": 8}, "--chunk applies")):
+        with pytest.raises(InputError, match=message):
+            Sampling(**kwargs)

@@ -265,8 +265,10 @@ def run_study(
         totals = Totals()
         for part in parts or []:
             totals.merge(Totals.from_state(part))
+    spec = {k: v for k, v in asdict(corpus).items() if k != "text"}
     return build_result(totals, models, settings, seq_len=seq_len, bos=bos, processes=world.processes,
-                        corpus=corpus.describe(), tokens=tokens, complete=not stopped)
+                        corpus=corpus.describe(), tokens=tokens, complete=not stopped, corpus_spec=spec,
+                        max_tokens=max_tokens, skipped_rows=chunks.skipped)
 
 
 def accelerate_world(device: str = "auto") -> tuple[World, str]:

@@ -13,66 +13,14 @@ import json
 import math
 from pathlib import Path
 
-from ..registry import (
-    BARONI_2025, HEIMERSHEIM_2024, PUBLISHED_CE_BARONI, PUBLISHED_CE_HEIMERSHEIM, REGISTRY, parse_spec,
-)
+from .published import HEIMERSHEIM_NOTE, cites_heimersheim, matches, other_corpora
 from .results import StudyResult, to_json
 
-# Published numbers (../shared/reference/PAPERS.md); columns: original, ln_control, ln_free.
-_KIND_INDEX = {"original": 0, "ln_control": 1, "ln_free": 2}
-_BARONI_OTHER = {  # (metric, size) -> (original, vanilla, LN-free), None where not published
-    ("nmae", "small"): (0.4907, 0.5785, 0.0),
-    ("sink_papers", "medium"): (0.553, None, 0.453),
-    ("entropy", "medium"): (2.86, None, 2.53),
-    ("ece", "medium"): (0.019, None, 0.034),
-}
-
-
-def published_corpus(corpus: str) -> str | None:
-    """Which of the papers' corpora a study's corpus is, from its name."""
-    c = corpus.lower()
-    if "pile-filtered" in c or "pile_filtered" in c:
-        return "Pile-filtered"
-    if "pile" in c:
-        return "Pile"
-    if "openwebtext" in c or "owt" in c:
-        return "OpenWebText"
-    return None
-
-
-def _known(source: str, revision: str | None):
-    spec = source if revision is None else f"{source}@{revision}"
-    if spec in REGISTRY:
-        return REGISTRY[spec]
-    try:
-        repo, rev = parse_spec(spec)
-    except Exception:
-        return None
-    for key in (f"{repo}@{rev}" if rev else repo, repo):
-        if key in REGISTRY:
-            return REGISTRY[key]
-    bare = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}.get(repo)
-    return REGISTRY.get(bare) if bare else None
-
-
-def published(source: str, revision: str | None, corpus: str) -> dict[str, tuple[float, str]]:
-    """The papers' numbers for a model (metric -> (value, citation)); empty when it is not one of theirs."""
-    known = _known(source, revision)
-    if known is None or known.kind not in _KIND_INDEX:
-        return {}
-    i, out = _KIND_INDEX[known.kind], {}
-    name = published_corpus(corpus)
-    if known.repo_id == "apollo-research/gpt2_noLN":
-        if name in PUBLISHED_CE_HEIMERSHEIM:
-            out["ce"] = (PUBLISHED_CE_HEIMERSHEIM[name][i], HEIMERSHEIM_2024)
-        return out
-    if name in PUBLISHED_CE_BARONI and known.size in PUBLISHED_CE_BARONI[name]:
-        out["ce"] = (PUBLISHED_CE_BARONI[name][known.size][i], BARONI_2025)
-    for (metric, size), values in _BARONI_OTHER.items():
-        if size == known.size and values[i] is not None:
-            out[metric] = (values[i], BARONI_2025)
-    return out
+LABELS = {"ce": ("CE", 1, 4), "ce_median": ("CE per-token median", 1, 4), "ce_p2.5": ("CE per-token 2.5th percentile", 1, 4),
+          "ce_p97.5": ("CE per-token 97.5th percentile", 1, 4), "ce_p99.95": ("CE per-token 99.95th percentile", 1, 4),
+          "entropy": ("Entropy", 1, 4), "ece": ("ECE", 1, 4), "nmae": ("NMAE %", 100, 2),
+          "sink_papers": ("Sink rate % (papers' definition)", 100, 1)}
+"""Published metric -> (label, scale, digits)."""
 
 
 def _f(x, digits: int = 4) -> str:
@@ -133,6 +81,8 @@ def markdown(doc: dict) -> str:
 
     row("CE (nats) [95% CI]", [_ci(m["ce"]) for m in models])
     row("CE per-token median", [_f(m["ce"]["median"]) for m in models])
+    row("CE per-token 2.5th / 97.5th / 99.95th percentile",
+        [" / ".join(_f(m["ce"]["percentiles"].get(k)) for k in ("2.5", "97.5", "99.95")) for m in models])
     row("Entropy (nats)", [_ci(m["entropy"]) for m in models])
     row("Calibration error (ECE)", [_ci({"mean": m["ece"]["value"], "ci95": m["ece"]["ci95"]}) if m["ece"] else ""
                                     for m in models])
@@ -141,26 +91,53 @@ def markdown(doc: dict) -> str:
             [_ci(m["nmae"], 2, 100) for m in models])
     row("Sink rate % (papers' definition)", [_ci((m["sink_rate"] or {}).get("papers"), 1, 100) for m in models])
     row("Sink rate % (Gu et al. 2024)", [_ci((m["sink_rate"] or {}).get("gu2024"), 1, 100) for m in models])
-    row("First-token residual norm, max over layers",
-        [_f(max(m["first_token_norm"]["max"]), 1) if m["first_token_norm"] else "" for m in models])
+    row("First-token residual norm: largest mean over hooks", [_f(max(m["first_token_norm"]["mean"]), 1)
+                                                               if m["first_token_norm"] else "" for m in models])
+    row("First-token residual norm: largest over sequences", [_f(max(m["first_token_norm"]["max"]), 1)
+                                                              if m["first_token_norm"] else "" for m in models])
     row("Exploding positions", [str(m["exploding_positions"]) for m in models])
-    pubs = [published(m["source"], m["revision"], doc["corpus"]) for m in models]
-    labels = {"ce": "CE", "nmae": "NMAE %", "sink_papers": "Sink rate %", "entropy": "Entropy", "ece": "ECE"}
-    corpus = published_corpus(doc["corpus"])
-    for metric, label in labels.items():
-        if any(metric in p for p in pubs):
-            scale = 100 if metric in ("nmae", "sink_papers") else 1
-            cites = sorted({p[metric][1].split(",")[0] for p in pubs if metric in p})
-            where = f", {corpus}" if metric == "ce" else ""
-            row(f"*published: {label}{where} ({'; '.join(cites)})*",
-                [f"*{_f(p[metric][0] * scale, 2 if scale == 100 else 4)}*" if metric in p else "" for p in pubs])
-    if any(pubs):
-        lines += ["", "Published rows are the papers' numbers for these model ids (PAPERS.md), measured on their "
-                  "corpora and settings: NMAE over 1000 x 512-token Pile sequences, CE over 1024-token chunks."]
+    notes = _published(doc, row)
+    if notes:
+        lines += [""] + [f"* {n}" for n in notes]
     for p in doc["pairs"]:
         lines += ["", f"**{p['a']} vs {p['b']}**: KL(A||B) {_ci(p['kl_ab'])}, KL(B||A) {_ci(p['kl_ba'])}, "
                   f"JS {_ci(p['js'])}, top-1 agreement {_ci(p['top1_agreement'])}"]
     return "\n".join(lines) + "\n"
+
+
+def _published(doc: dict, row) -> list[str]:
+    """Add the papers' numbers for this study's settings as rows; return notes on those left out, and why."""
+    notes, shown = [], set()
+    for match in matches(doc):
+        figure = match.figure
+        if not match.same_settings:
+            notes.append(f"Published numbers for these models ({figure.name}: {figure.title}) are not shown: this "
+                         f"study differs in {'; '.join(match.differences)}. `study --reproduce {figure.name}` "
+                         "measures them as the papers did.")
+            continue
+        shown.add(figure.name)
+        for metric, values in figure.published.items():
+            label, scale, digits = LABELS[metric]
+            cells = [f"*{_f(values[c] * scale, digits)}*" if c is not None and values[c] is not None else ""
+                     for c in match.columns]
+            if any(cells):
+                row(f"*published: {label} ({figure.cite}, {figure.name})*", cells)
+        for metric, by_pair in figure.published_pairs.items():
+            index = {m["name"]: i for i, m in reversed(list(enumerate(doc["models"])))}
+            for p in doc["pairs"]:
+                ca, cb = match.columns[index[p["a"]]], match.columns[index[p["b"]]]
+                key = tuple(sorted((ca, cb))) if None not in (ca, cb) else None
+                if key in by_pair:
+                    notes.append(f"Published {metric.upper()} of {p['a']} vs {p['b']} ({figure.name}): "
+                                 f"{by_pair[key]:.4f}; this study: {_ci(p[metric])}.")
+        notes.append(f"{figure.name}: {figure.source}." + (f" {figure.note}" if figure.note else ""))
+    others = [name for name in other_corpora(doc) if name not in shown]
+    if others:
+        notes.append("The papers also published numbers for these models on other corpora (" + ", ".join(others) +
+                     "): `study --reproduce NAME` measures each as they did.")
+    if cites_heimersheim(doc):
+        notes.append(HEIMERSHEIM_NOTE)
+    return notes
 
 
 def write_outputs(result: StudyResult, out: Path, positions: int = 16) -> dict:

@@ -180,6 +180,13 @@ class StudyResult:
     pairs: tuple[PairStudy, ...]
     diff_edges: np.ndarray = field(default_factory=lambda: DIFF_EDGES.copy())
     loss_bin: float = LOSS_BIN
+    corpus_spec: dict = field(default_factory=dict)
+    """Where the text came from and how it was sampled: ``kind``, ``source``, ``config``, ``split``, ``field``,
+    ``sampling`` (the :class:`~noln_core.corpus.Sampling`'s fields)."""
+    max_tokens: int | None = None
+    """The budget the study was given (None: the whole corpus)."""
+    skipped_rows: int = 0
+    """Rows too short for a sequence, left out (``first-tokens`` sampling)."""
 
 
 def _estimate(t: Totals, key: str, n: int, rate: bool = False) -> Estimate:
@@ -196,7 +203,8 @@ def _context(decode, tokens: np.ndarray, seq_len: int, where: int, width: int = 
 
 
 def build_result(totals: Totals, models, settings: Settings, *, seq_len: int, bos: bool, processes: int,
-                 corpus: str, tokens: np.ndarray, complete: bool, top: int = 20) -> StudyResult:
+                 corpus: str, tokens: np.ndarray, complete: bool, top: int = 20, corpus_spec: dict | None = None,
+                 max_tokens: int | None = None, skipped_rows: int = 0) -> StudyResult:
     """Turn the exact totals into the documented numbers (rank 0 only, after the totals are merged)."""
     decode = models[0].tokenizer.decode
     P = seq_len - 1
@@ -300,7 +308,8 @@ def build_result(totals: Totals, models, settings: Settings, *, seq_len: int, bo
             models[i].info.name, models[j].info.name, _estimate(totals, k + "kl_ab", n),
             _estimate(totals, k + "kl_ba", n), _estimate(totals, k + "js", n), _estimate(totals, k + "agree", n, True),
             _estimate(totals, k + "dloss", n), totals.count(k + "dloss_hist").copy(), tuple(parting)))
-    return StudyResult(seq_len, bos, processes, corpus, n_total, complete, settings, tuple(out), tuple(pairs))
+    return StudyResult(seq_len, bos, processes, corpus, n_total, complete, settings, tuple(out), tuple(pairs),
+                       corpus_spec=dict(corpus_spec or {}), max_tokens=max_tokens, skipped_rows=skipped_rows)
 
 
 def json_safe(x: Any) -> Any:
@@ -379,7 +388,8 @@ def to_json(result: StudyResult, positions: int = 16) -> dict[str, Any]:
     } for p in result.pairs]
     return {
         "processes": result.processes, "seq_len": result.seq_len, "bos": result.bos, "corpus": result.corpus,
-        "n_sequences": result.n_sequences, "complete": result.complete,
+        "corpus_spec": json_safe(result.corpus_spec), "max_tokens": result.max_tokens,
+        "skipped_rows": result.skipped_rows, "n_sequences": result.n_sequences, "complete": result.complete,
         "settings": {"metrics": list(s.metrics), "nmae_target": s.nmae_target,
                      "nmae_definition": NMAE_DEFINITIONS[s.nmae_target],
                      "value_bias": {"counted_in": VALUE_BIAS[s.nmae_target],

@@ -14,6 +14,7 @@ are correlated, the sequences are (nearly) independent draws from the corpus.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -263,6 +264,7 @@ def _t_cdf(t: float, df: int) -> float:
     return 0.5 + integral
 
 
+@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom, to about 1e-9."""
     if df < 1:

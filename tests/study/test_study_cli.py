@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from noln_core.cli import main
-from noln_core.study.report import markdown, published
+from noln_core.study.report import markdown
 
 ARGS = ["--data", "demo", "--seq-len", "32", "--max-tokens", "320", "--batch", "4", "--bootstrap", "100",
         "--device", "cpu"]
@@ -80,17 +80,44 @@ def test_out_writes_json_csv_and_markdown(doc_and_files):
     assert f"{doc['models'][0]['ce']['mean']:.4f}" in md and "published" not in md  # no paper model here
 
 
-def test_markdown_labels_the_papers_numbers_for_their_models(doc_and_files):
-    doc, _, _ = doc_and_files
+def _as_figure(doc, name):
+    """``doc`` relabelled as if measured on figure ``name``'s models, dataset and settings."""
+    from dataclasses import asdict
+
+    from noln_core.study.published import FIGURES
+
+    figure = FIGURES[name]
     doc = json.loads(json.dumps(doc))
-    doc["corpus"] = "lucabaroni/apollo-pile-filtered-10k (train)"
-    doc["models"][0]["source"], doc["models"][1]["source"] = "openai-community/gpt2", "schaeff/gpt2-small_LNFree300"
-    md = markdown(doc)
-    assert "*published: CE, Pile-filtered" in md and "*2.7899*" in md and "*2.8757*" in md
-    assert "*published: NMAE %" in md and "*49.07*" in md and "*0.00*" in md
-    assert published("schaeff/gpt2-medium_vanilla500", None, "openwebtext")["ce"][0] == 2.7390
-    assert published("apollo-research/gpt2_noLN", "v4", "the pile")["ce"][0] == 2.926
-    assert published("/local/dir", None, "pile") == {}
+    for m, spec in zip(doc["models"], figure.models):
+        m["source"], m["revision"] = spec, None
+    doc["corpus_spec"] = {"kind": "dataset", "source": figure.dataset, "config": figure.config, "split": figure.split,
+                          "field": figure.column, "sampling": asdict(figure.sampling)}
+    doc.update(seq_len=figure.seq_len, bos=figure.bos, max_tokens=figure.max_tokens)
+    doc["settings"]["nmae_target"] = figure.nmae_target
+    return doc
+
+
+def test_markdown_prints_published_numbers_only_with_the_figures_settings(doc_and_files):
+    doc, _, _ = doc_and_files
+    md = markdown(_as_figure(doc, "ce-small-pile-filtered"))
+    assert "*published: CE (Baroni et al. 2025, ce-small-pile-filtered)*" in md
+    assert "*2.7899*" in md and "*2.8112*" in md and "*2.8757*" in md and "pile_eval.py lines 31-89" in md
+    assert "ce-small-owt" in md and "other corpora" in md  # named, never printed
+    md = markdown(_as_figure(doc, "nmae-small"))
+    assert "*49.07*" in md and "*57.85*" in md and "*0.00*" in md
+    # One setting off (the length), and the published row gives way to the reason.
+    changed = _as_figure(doc, "nmae-small")
+    changed["seq_len"] = 256
+    md = markdown(changed)
+    assert "*49.07*" not in md and "differs in seq len 256 (figure: 512)" in md and "--reproduce nmae-small" in md
+    changed = _as_figure(doc, "nmae-small")
+    changed["corpus_spec"]["sampling"]["seed"] = None
+    assert "sampling seed None (figure: 42)" in markdown(changed)
+    # The sinks figure: 55.3% is the fine-tune with LN's column (sink_rate.py), the original's cell stays empty.
+    md = markdown(_as_figure(doc, "sinks-medium"))
+    assert "| *published: Sink rate % (papers' definition) (Baroni et al. 2025, sinks-medium)* |  | *55.3* | *45.3* |" in md
+    # Local models have no published numbers at all.
+    assert "published" not in markdown(doc)
 
 
 def test_two_processes_equal_one(doc_and_files, models):
