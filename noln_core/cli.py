@@ -212,8 +212,16 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--checkpoint-every", type=int, default=50)
     rm.add_argument("--seed", type=int, default=None)
     rm.add_argument("--device", default="auto", help="auto, cpu, cuda (accelerate chooses when it launches)")
-    rm.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto: bf16 mixed precision on GPU with float32 master weights, float32 on CPU")
+    rm.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "bf16-mixed"],
+                    help="auto (the released code's): bfloat16 weights and autocast where the device has them (a GPU "
+                         "with bf16), float32 elsewhere; bf16-mixed: bf16 autocast over float32 master weights")
+    rm.add_argument("--special-sigma", action="store_true", default=None,
+                    help="position 0 (every LN) and EOT tokens (ln_1's V path) divide by a sigma of their own until "
+                         "ln_f + 12 / + 2: this project's option, after the Apollo fork; the released code has none")
+    rm.add_argument("--no-ln-decay", dest="ln_decay", action="store_false", default=None,
+                    help="no weight decay on the LN gains (the released code decays them when removing LN)")
+    rm.add_argument("--eot-loss", action="store_true", default=None,
+                    help="count positions whose target is EOT in the loss (the released code masks them)")
     st = sub.add_parser(
         "study", help="the papers' corpus metrics for several models, with 95%% intervals (accelerate-ready)",
         description="One pass over a corpus computes, per model: mean CE with a 95% interval over sequences, the "
@@ -333,7 +341,8 @@ def _run_remove_ln(args: argparse.Namespace) -> int:
     overrides = dict(steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr,
                      warmup=args.warmup, weight_decay=args.weight_decay, aux_lambda=args.aux_lambda,
                      momentum=args.momentum, start_ln2=args.start, gaps=_gaps(args.gaps), seed=args.seed,
-                     seq_len=args.seq_len)
+                     seq_len=args.seq_len, special_sigma=args.special_sigma, ln_gain_decay=args.ln_decay,
+                     eot_loss=args.eot_loss)
     if args.control and args.aux_lambda is None:
         overrides["aux_lambda"] = 0.0
     if overrides["seq_len"] is None and not args.preset:

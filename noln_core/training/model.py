@@ -54,10 +54,12 @@ class FakeLayerNorm(nn.Module):
     and EOT included, and of position 0's σ), ``sigma``/``sigma_bos`` (what fake
     paths divide by), ``fake`` (one flag per path: qk, v / out), ``bos_special``
     (position 0 divides by ``sigma_bos``) and ``eot_special`` (EOT tokens on ln_1's
-    V path divide by ``sigma_bos``).
+    V path divide by ``sigma_bos``); both start as ``special`` (off in the released
+    code, so EOT's extra ``ln_1`` call then changes nothing but still advances σ).
     """
 
-    def __init__(self, d: int, eps: float = 1e-5, calls: tuple[str, ...] = ("out",), momentum: float = 0.9):
+    def __init__(self, d: int, eps: float = 1e-5, calls: tuple[str, ...] = ("out",), momentum: float = 0.9,
+                 special: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d))
@@ -68,8 +70,8 @@ class FakeLayerNorm(nn.Module):
         for name in ("sigma", "sigma_bos"):
             self.register_buffer(name, torch.tensor(float("nan")))
         self.register_buffer("fake", torch.zeros(len(self.paths), dtype=torch.bool))
-        self.register_buffer("bos_special", torch.tensor(True))
-        self.register_buffer("eot_special", torch.tensor("v_eot" in calls))
+        self.register_buffer("bos_special", torch.tensor(special))
+        self.register_buffer("eot_special", torch.tensor(special and "v_eot" in calls))
 
     def is_fake(self, path: str) -> bool:
         return bool(self.fake[self.paths.index(path)])
@@ -137,13 +139,13 @@ class FakeLayerNorm(nn.Module):
 class RemovalBlock(nn.Module):
     """One pre-LN GPT-2 block whose ``ln_1`` feeds Q/K and V separately (the FSDP wrapping unit)."""
 
-    def __init__(self, d: int, n_heads: int, d_mlp: int, eps: float, momentum: float):
+    def __init__(self, d: int, n_heads: int, d_mlp: int, eps: float, momentum: float, special: bool = False):
         super().__init__()
         self.n_heads = n_heads
-        self.ln_1 = FakeLayerNorm(d, eps, calls=("qk", "v", "v_eot"), momentum=momentum)
+        self.ln_1 = FakeLayerNorm(d, eps, calls=("qk", "v", "v_eot"), momentum=momentum, special=special)
         self.c_attn = nn.Linear(d, 3 * d)
         self.attn_proj = nn.Linear(d, d)
-        self.ln_2 = FakeLayerNorm(d, eps, momentum=momentum)
+        self.ln_2 = FakeLayerNorm(d, eps, momentum=momentum, special=special)
         self.c_fc = nn.Linear(d, d_mlp)
         self.mlp_proj = nn.Linear(d_mlp, d)
 
@@ -164,7 +166,8 @@ class RemovalBlock(nn.Module):
 class TrainableGPT2(nn.Module):
     """GPT-2 (tied embeddings, pre-LN) with fake LayerNorms; reads and writes HF ``GPT2LMHeadModel`` weights."""
 
-    def __init__(self, config: dict, keep: torch.Tensor | None = None, momentum: float = 0.9):
+    def __init__(self, config: dict, keep: torch.Tensor | None = None, momentum: float = 0.9,
+                 special_sigma: bool = False):
         """``keep``: the token ids whose embedding rows are trained; every other row is fixed at zero.
 
         A zero row gives its token a logit of exactly 0, so the full-vocabulary
@@ -187,8 +190,8 @@ class TrainableGPT2(nn.Module):
         self.n_dropped = vocab - len(keep)
         self.wte = nn.Embedding(len(keep), d)
         self.wpe = nn.Embedding(config["n_positions"], d)
-        self.blocks = nn.ModuleList(RemovalBlock(d, H, d_mlp, eps, momentum) for _ in range(L))
-        self.ln_f = FakeLayerNorm(d, eps, momentum=momentum)
+        self.blocks = nn.ModuleList(RemovalBlock(d, H, d_mlp, eps, momentum, special_sigma) for _ in range(L))
+        self.ln_f = FakeLayerNorm(d, eps, momentum=momentum, special=special_sigma)
         self.final_residual: torch.Tensor | None = None
         """The residual stream entering ``ln_f`` in the last forward (the auxiliary loss reads it)."""
 
@@ -232,6 +235,11 @@ class TrainableGPT2(nn.Module):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.token_losses(logits, targets).mean()
 
+    def loss_mask(self, targets: torch.Tensor, eot_loss: bool) -> torch.Tensor:
+        """Which predicted positions count in the training loss: all, or (the released code) those whose
+        target is not EOT."""
+        return torch.ones_like(targets, dtype=torch.bool) if eot_loss else targets != self.eot
+
     def layer_norms(self) -> Iterator[tuple[str, FakeLayerNorm]]:
         for i, block in enumerate(self.blocks):
             yield f"h.{i}.ln_1", block.ln_1
@@ -245,7 +253,7 @@ class TrainableGPT2(nn.Module):
     # -- HF format -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory: Path, momentum: float = 0.9) -> "TrainableGPT2":
+    def from_pretrained(cls, directory: Path, momentum: float = 0.9, special_sigma: bool = False) -> "TrainableGPT2":
         directory = Path(directory)
         config = read_config(directory, str(directory))
         if config.ln_free:
@@ -254,7 +262,8 @@ class TrainableGPT2(nn.Module):
         check_tensors(ckpt, config, str(directory))
         sd = {k: ckpt.get(k).float() for k in ckpt.keys()}
         used = sd["wte.weight"].abs().sum(-1) > 0  # rows a corpus-trained model never used are exactly zero
-        model = cls(dict(config.raw), keep=None if used.all() else used.nonzero()[:, 0], momentum=momentum)
+        model = cls(dict(config.raw), keep=None if used.all() else used.nonzero()[:, 0], momentum=momentum,
+                    special_sigma=special_sigma)
         model.load_hf_state_dict(sd)
         return model
 

@@ -69,16 +69,18 @@ class Schedule:
     def last_event(self) -> int:
         return max(self.start_lnf, self.end_eot, self.end_bos)
 
-    def events(self, n_layers: int) -> dict[int, list[tuple[str, int]]]:
-        """``{step: [(what, layer), ...]}``; ``what`` is a phase, ``eot-sigma-ends`` or ``bos-sigma-ends``."""
+    def events(self, n_layers: int, special_sigma: bool = True) -> dict[int, list[tuple[str, int]]]:
+        """``{step: [(what, layer), ...]}``; ``what`` is a phase, or (with ``special_sigma``) ``eot-sigma-ends`` or
+        ``bos-sigma-ends``."""
         out: dict[int, list[tuple[str, int]]] = {}
         for layer in range(n_layers):
             out.setdefault(self.start_ln2 + layer * self.gap_ln2, []).append(("ln_2", layer))
             out.setdefault(self.start_qk + layer * self.gap_qk, []).append(("ln_1.qk", layer))
             out.setdefault(self.start_v + layer * self.gap_v, []).append(("ln_1.v", layer))
         out.setdefault(self.start_lnf, []).append(("ln_f", -1))
-        out.setdefault(self.end_eot, []).append(("eot-sigma-ends", -1))
-        out.setdefault(self.end_bos, []).append(("bos-sigma-ends", -1))
+        if special_sigma:
+            out.setdefault(self.end_eot, []).append(("eot-sigma-ends", -1))
+            out.setdefault(self.end_bos, []).append(("bos-sigma-ends", -1))
         return out
 
     def describe(self) -> str:
@@ -112,6 +114,19 @@ class Recipe:
     gaps: tuple[int, int, int] | None = None
     preset: str | None = None
     seed: int = 0
+    special_sigma: bool = False
+    """Position 0 (every LN) and EOT (``ln_1``'s V path) divide by a σ of their own until ``ln_f`` + 12 / + 2.
+    This project's option, after the Apollo fork; the released code has none (see :mod:`.removal`)."""
+    ln_gain_decay: bool | None = None
+    """Weight decay on the LN gains.  None: the released code's rule, decayed when removing LN (its
+    ``FakeLayerNorm`` is no ``nn.LayerNorm``, so ``transformers``' Trainer decays it) and not in the control."""
+    eot_loss: bool = False
+    """Count the positions whose target is EOT in the loss; the released code leaves them out (its collator's
+    padding token is EOS, so their labels are -100)."""
+
+    def decays_ln_gains(self, control: bool) -> bool:
+        """Whether the LN gains are decayed in this run (:attr:`ln_gain_decay`, or the released code's rule)."""
+        return (not control) if self.ln_gain_decay is None else self.ln_gain_decay
 
     def schedule(self, n_layers: int) -> Schedule:
         if self.start_ln2 is None or self.gaps is None:

@@ -78,20 +78,44 @@ class FinetuneResult:
     """True on rank 0, which writes the files."""
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-mixed")
+"""``bf16``: weights, gradients and optimiser state in bfloat16, with bf16 autocast, as the released code
+(``train.py`` lines 573-581: ``torch_dtype=torch.bfloat16``; line 948: ``bf16=True``); ``bf16-mixed``: bf16
+autocast over float32 master weights; ``auto``: ``bf16`` where the device has it (a CUDA GPU with bfloat16), else
+``fp32``."""
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision a run uses: ``auto`` becomes ``bf16`` on a bf16-capable GPU and ``fp32`` elsewhere."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    cuda = not accelerate_on_cpu(device) and torch.cuda.is_available()
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def _accelerator(device: str, precision: str):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    cpu = accelerate_on_cpu(device)
-    mixed = {"auto": "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16"),
-             "fp32": "no", "bf16": "bf16"}[precision]
-    return Accelerator(cpu=cpu, mixed_precision=mixed)
+    mixed = "no" if precision == "fp32" else "bf16"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed) and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)  # one process, a second run with another precision
+    return Accelerator(cpu=accelerate_on_cpu(device), mixed_precision=mixed)
 
 
-def optimizer_groups(model: TrainableGPT2, weight_decay: float) -> list[dict]:
-    """Weight decay on the matrices and embeddings only: never on LN gains, LN biases or any bias."""
+def optimizer_groups(model: TrainableGPT2, weight_decay: float, ln_gains: bool = False) -> list[dict]:
+    """Weight decay on the matrices and embeddings, and on the LN gains when ``ln_gains``; never on a bias.
+
+    ``transformers``' Trainer, which the released code trains with, decays every parameter but biases and those
+    of ``nn.LayerNorm`` modules; its ``FakeLayerNorm`` is not one, so the gains of the LNs being removed decay.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or ".ln_" in f".{name}" else decay).append(p)
+        is_ln = ".ln_" in f".{name}"
+        (no_decay if p.ndim < 2 and not (ln_gains and is_ln and name.endswith("weight")) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -145,6 +169,17 @@ def _rows(step: int, micro: int, rank: int, recipe: Recipe, per_process: int, n_
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """Epoch ``epoch``'s order of the ``n`` training chunks (made once, not on every micro-batch)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _counted_targets(train_rows, mine: np.ndarray, step: int, micro: int, rank: int, recipe: Recipe,
+                     per_process: int, n_train: int, processes: int, eot: int) -> int:
+    """Targets counted in the loss over micro-batch ``micro`` of step ``step``, every process's rows together
+    (``mine`` are this rank's)."""
+    if recipe.eot_loss:
+        return per_process * processes * (recipe.seq_len - 1)
+    idx = np.concatenate([mine if r == rank else _rows(step, micro, r, recipe, per_process, n_train)
+                          for r in range(processes)])
+    return int((np.asarray(train_rows[idx])[:, 1:] != eot).sum())
 
 
 def _chunks(corpus: Corpus, tokenizer, directory: Path, seq_len: int, accelerator, max_tokens=None) -> Chunks:
@@ -220,6 +255,7 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
     exports the model (:func:`noln_core.training.removal.export`).
     """
     started = time.time()
+    requested, precision = precision, resolve_precision(precision, device)
     accelerator = _accelerator(device, precision)
     rank, processes = accelerator.process_index, accelerator.num_processes
     if recipe.batch % (recipe.grad_accum * processes):
@@ -227,7 +263,10 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
                          f"{processes} process(es): make it a multiple of {recipe.grad_accum * processes}")
     per_process = recipe.batch // (recipe.grad_accum * processes)
     work = Path(out) / "_training"
-    model = TrainableGPT2.from_pretrained(base, momentum=recipe.momentum)
+    model = TrainableGPT2.from_pretrained(base, momentum=recipe.momentum, special_sigma=recipe.special_sigma)
+    if precision == "bf16":  # parameters only: the σ estimates (buffers) stay in float32 and float64
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
     n_layers, n_ctx = len(model.blocks), int(model.config["n_positions"])
     if recipe.seq_len > n_ctx:
         raise InputError(f"--seq-len {recipe.seq_len} is longer than the model's context of {n_ctx}")
@@ -258,10 +297,11 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
     n_train = len(train_rows)
 
     dev = accelerator.device
-    opt = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=recipe.lr, betas=recipe.betas)
+    opt = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay, recipe.decays_ln_gains(control)),
+                            lr=recipe.lr, betas=recipe.betas)
     model, opt = accelerator.prepare(model, opt)
     inner: TrainableGPT2 = accelerator.unwrap_model(model)
-    events = schedule.events(n_layers) if schedule else {}
+    events = schedule.events(n_layers, recipe.special_sigma) if schedule else {}
     state_file, ckpt = work / "state.json", work / CHECKPOINT
     start, initial_eval = 0, None
     if (ckpt / "done").exists() and state_file.exists():
@@ -313,23 +353,30 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
             lr = recipe.lr_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            sums = torch.zeros(2, dtype=torch.float64, device=dev)
+            sums = torch.zeros(3, dtype=torch.float64, device=dev)
             for micro in range(recipe.grad_accum):
                 idx = _rows(step, micro, rank, recipe, per_process, n_train)
                 rows = torch.from_numpy(np.asarray(train_rows[idx], dtype=np.int64)).to(dev)
+                # The loss is the mean over the whole micro-batch's counted targets (every process's rows, known
+                # to all: the order is fixed), so that it does not depend on how the rows are shared out.
+                counted = _counted_targets(train_rows, idx, step, micro, rank, recipe, per_process, n_train,
+                                           processes, inner.eot)
                 sync = contextlib.nullcontext() if micro == recipe.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
                     logits = model(rows[:, :-1])
-                    ce = inner.token_losses(logits, rows[:, 1:]).mean()
+                    mask = inner.loss_mask(rows[:, 1:], recipe.eot_loss).reshape(-1)
+                    ce_sum = (inner.token_losses(logits, rows[:, 1:]) * mask).sum()
+                    ce = ce_sum * processes / max(counted, 1)  # DDP averages gradients over the processes
                     aux = (aux_loss(inner.final_residual, rows[:, :-1], inner.eot, recipe.aux_lambda)
                            if recipe.aux_lambda > 0 else torch.zeros((), device=dev))
                     accelerator.backward((ce + aux) / recipe.grad_accum)
-                sums += torch.stack([ce.detach().double(), aux.detach().double()])
+                sums += torch.stack([ce_sum.detach().double(), aux.detach().double(),
+                                     mask.sum().double()])
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            sums = all_reduce_sum(sums) / (recipe.grad_accum * processes)
-            loss, aux_value = sums.tolist()
+            ce_total, aux_total, n_counted = all_reduce_sum(sums).tolist()
+            loss, aux_value = ce_total / max(n_counted, 1), aux_total / (recipe.grad_accum * processes)
             recent = (recent + [loss])[-10:]
             last = step + 1 == recipe.steps
             entry = {"step": step, "loss": loss, "aux": aux_value, "lr": lr,
@@ -367,5 +414,6 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
         eval_loss=eval_loss, initial_eval_loss=initial_eval, eval_sequences=len(held), train_sequences=n_train,
         seconds=time.time() - started, log_path=log_path,
         distributed={"type": str(accelerator.distributed_type.value), "sharded_parameters": sharded,
-                     "mixed_precision": str(accelerator.mixed_precision)},
+                     "mixed_precision": str(accelerator.mixed_precision), "precision": precision,
+                     "precision_requested": requested},
         state_dict=accelerator.get_state_dict(model), is_main=accelerator.is_main_process)

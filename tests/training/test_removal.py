@@ -18,7 +18,7 @@ from checkpoints import hf_model
 from helpers import PROMPTS
 from noln_core import compare, direct_logit_attribution, load_model, tokenize
 from noln_core.analyses import exactness_tolerance
-from noln_core.corpus import prepare_chunks, text_corpus
+from noln_core.corpus import parse_corpus, prepare_chunks, text_corpus
 from noln_core.training import trainer
 from noln_core.training.model import STD_EPS, FakeLayerNorm, TrainableGPT2
 from noln_core.training.recipe import PRESETS, Recipe, Schedule, recipe
@@ -145,14 +145,20 @@ def test_learning_rate_is_the_papers_cosine_with_minimum():
     assert large.lr_at(600) > large.min_lr + 0.4 * (large.lr - large.min_lr)
 
 
-def test_weight_decay_never_touches_layer_norms_or_biases(ln_dir):
+def test_weight_decay_as_the_released_code_decays_ln_gains_never_biases(ln_dir):
+    """transformers' Trainer decays all but biases and nn.LayerNorm parameters; the released FakeLayerNorm is no
+    nn.LayerNorm, so LN gains decay when removing LN (not in the with-LN control, nor with --no-ln-decay)."""
     model = TrainableGPT2.from_pretrained(ln_dir)
-    decay, plain = trainer.optimizer_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
+    decay, plain = trainer.optimizer_groups(model, 0.01, ln_gains=True)
     assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
-    assert all(".ln_" in "." + names[id(p)] or names[id(p)].endswith("bias") for p in plain["params"])
-    assert {names[id(p)] for p in decay["params"]} >= {"wte.weight", "wpe.weight", "blocks.0.c_attn.weight"}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed >= {"wte.weight", "wpe.weight", "blocks.0.c_attn.weight", "blocks.0.ln_1.weight", "ln_f.weight"}
+    assert all(names[id(p)].endswith("bias") for p in plain["params"])
+    decay, plain = trainer.optimizer_groups(model, 0.01, ln_gains=False)
     assert not any("ln_" in names[id(p)] or names[id(p)].endswith("bias") for p in decay["params"])
+    assert tiny_recipe().decays_ln_gains(control=False) and not tiny_recipe().decays_ln_gains(control=True)
+    assert not tiny_recipe(ln_gain_decay=False).decays_ln_gains(control=False)
 
 
 # --------------------------------------------------------------------------- sigma: the papers' estimate
@@ -212,8 +218,24 @@ def test_evaluation_forwards_leave_sigma_alone():
     assert ln.ema.item() == ema
 
 
-def test_special_sigma_eot_on_the_v_path_only_and_position_0_everywhere():
+def test_no_special_sigma_by_default_as_the_released_code():
+    """train.py: bos_special_treatment defaults to False and no caller sets it; EOT's V call divides by the same σ."""
     ln_1 = FakeLayerNorm(4, calls=("qk", "v", "v_eot")).eval()
+    ln_1.sigma.fill_(2.0)
+    ln_1.sigma_bos.fill_(5.0)
+    ln_1.fake[:] = True
+    x = torch.randn(1, 5, 4)
+    eot = torch.zeros(1, 5, dtype=torch.bool)
+    eot[0, 3] = True
+    centred = x - x.mean(-1, keepdim=True)
+    for path in ("qk", "v"):
+        assert [(centred[0, t] / ln_1(x, eot)[path][0, t]).mean().item() for t in range(5)] == pytest.approx([2] * 5)
+    model = TrainableGPT2(dict(n_embd=8, n_layer=2, n_head=2, n_positions=8, vocab_size=10))
+    assert not any(ln.bos_special or ln.eot_special for _, ln in model.layer_norms())
+
+
+def test_special_sigma_eot_on_the_v_path_only_and_position_0_everywhere():
+    ln_1 = FakeLayerNorm(4, calls=("qk", "v", "v_eot"), special=True).eval()
     ln_1.sigma.fill_(2.0)
     ln_1.sigma_bos.fill_(5.0)
     ln_1.fake[:] = True
@@ -232,20 +254,67 @@ def test_special_sigma_eot_on_the_v_path_only_and_position_0_everywhere():
     assert divisors(ln_1(x, eot)["v"]) == pytest.approx([5, 2, 2, 2, 2])
     ln_1.bos_special.fill_(False)
     assert divisors(ln_1(x, eot)["qk"]) == pytest.approx([2, 2, 2, 2, 2])
-    ln_2 = FakeLayerNorm(4).eval()  # another LN: position 0 special, EOT never
+    ln_2 = FakeLayerNorm(4, special=True).eval()  # another LN: position 0 special, EOT never
     ln_2.sigma.fill_(2.0)
     ln_2.sigma_bos.fill_(5.0)
     ln_2.fake[:] = True
     assert divisors(ln_2(x, eot)["out"]) == pytest.approx([5, 2, 2, 2, 2])
 
 
-def test_special_sigma_ends_two_and_twelve_steps_after_ln_f(removed):
-    log = read_log(removed)
-    s = json.loads((removed / "removal.json").read_text())["schedule"]
+@pytest.fixture(scope="module")
+def with_options(tmp_path_factory, ln_dir):
+    """A run with this project's options: special σ, no LN-gain decay, EOT targets counted, pure bf16."""
+    out = tmp_path_factory.mktemp("options") / "tiny-options"
+    r = tiny_recipe(special_sigma=True, ln_gain_decay=False, eot_loss=True)
+    finetune(ln_dir, text_corpus(TEXT), out, r, eval_every=0, checkpoint_every=100, device="cpu", precision="bf16")
+    return out
+
+
+def test_special_sigma_ends_two_and_twelve_steps_after_ln_f(with_options, removed):
+    log = read_log(with_options)
+    s = json.loads((with_options / "removal.json").read_text())["schedule"]
     at = {r: e["step"] for e in log for r in e["removed"]}
     assert at["ln_f"] == s["start_lnf"]
     assert at["eot-sigma-ends"] == s["end_eot"] and at["bos-sigma-ends"] == s["end_bos"]
     assert PRESETS["small"].schedule(12).end_eot == 106 and PRESETS["small"].schedule(12).end_bos == 116
+    assert not {"eot-sigma-ends", "bos-sigma-ends"} & {r for e in read_log(removed) for r in e["removed"]}
+
+
+def test_removal_json_and_card_record_the_choices_against_the_released_code(removed, with_options):
+    default = json.loads((removed / "removal.json").read_text())
+    assert default["choices"] == {"special_sigma": False, "ln_gain_decay": True, "eot_targets_masked": True,
+                                  "precision": "fp32"}  # auto on a CPU: float32, as the released code there
+    assert default["released_code"]["precision"] == "bf16" and default["differs_from_released_code"] == []
+    assert "as the released code" in (removed / "README.md").read_text()
+    own = json.loads((with_options / "removal.json").read_text())
+    assert own["choices"] == {"special_sigma": True, "ln_gain_decay": False, "eot_targets_masked": False,
+                              "precision": "bf16"}
+    assert len(own["differs_from_released_code"]) == 3 and own["distributed"]["precision"] == "bf16"
+    card = (with_options / "README.md").read_text()
+    assert "unlike the released code" in card and "--special-sigma" in card and "--eot-loss" in card
+    assert load_model(str(with_options), device="cpu").ln_free  # bf16 training, exported in float32, LN-free
+    assert trainer.resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_eot_targets_are_left_out_of_the_loss(ln_dir, tmp_path):
+    """The released collator pads with EOS, so targets equal to EOT get label -100: the logged loss of step 0 (the
+    base model, before any update) is the mean over the other targets of step 0's rows."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 30))
+    r = tiny_recipe(steps=2, aux_lambda=0.0)
+    out = tmp_path / "ctl"
+    finetune(ln_dir, parse_corpus(str(docs)), out, r, control=True, eval_every=0, checkpoint_every=100, device="cpu")
+    tokenizer = load_model(str(ln_dir), device="cpu").tokenizer
+    chunks = np.asarray(prepare_chunks(parse_corpus(str(docs)), tokenizer, tmp_path / "c", r.seq_len).tokens())
+    train = chunks[:-trainer.held_out_count(len(chunks))]
+    rows = torch.from_numpy(train[trainer._rows(0, 0, 0, r, r.batch, len(train))].astype(np.int64))
+    with torch.no_grad():
+        logp = hf_model(ln_dir)(rows[:, :-1]).logits.double().log_softmax(-1)
+    losses = -logp.gather(-1, rows[:, 1:, None])[..., 0]
+    keep = rows[:, 1:] != 50256
+    logged = read_log(out)[0]["loss"]
+    assert (~keep).sum() > 0 and logged == pytest.approx(losses[keep].mean().item(), rel=1e-4)
+    assert logged != pytest.approx(losses.mean().item(), rel=1e-4)  # counting EOT targets would give this
 
 
 # --------------------------------------------------------------------------- auxiliary loss
@@ -315,7 +384,7 @@ def test_fine_tuning_removes_every_layernorm(removed):
     assert log[-1]["tokens"] == STEPS * 4 * 32 and log[0]["processes"] == 1
     events = [r for e in log for r in e["removed"]]
     assert sum(r.startswith("ln_2") for r in events) == 3 and sum(r.startswith("ln_1.v") for r in events) == 3
-    assert "ln_f" in events and "eot-sigma-ends" in events and "bos-sigma-ends" in events
+    assert "ln_f" in events
     assert [e["step"] for e in log if "eval_loss" in e] == [7, 15, 23]
 
 
