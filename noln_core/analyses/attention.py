@@ -11,8 +11,9 @@
 * ``sink_rate_papers`` (Baroni et al. 2025, arXiv:2507.02559, their code's
   ``utils.calculate_sink_rate``): the share of (layer, head, query) triples,
   query 0 included, whose attention on position 0 is strictly above 0.3.  This
-  is the definition behind the paper's GPT-2 medium figures (55.3% with LN,
-  45.3% without), measured over a corpus (``noln_core.study``), not one prompt.
+  is the definition behind the paper's GPT-2 medium figures (55.3% for the
+  fine-tune with LN, 45.3% for the LN-free model: ``sink_rate.py`` compares
+  those two), measured over a corpus (``noln_core.study``), not one prompt.
 """
 
 from __future__ import annotations

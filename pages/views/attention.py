@@ -17,8 +17,8 @@ if result is not None:
         "(`compute_attention_sink`): the share of heads whose attention on the first token, averaged over every "
         "position (the first one, which can only attend to itself, included), is above 30% (the heatmap). "
         "**Baroni et al. 2025's code** (`calculate_sink_rate`): the share of (layer, head, query) triples, the first "
-        "query included, whose attention on the first token is above 0.3; their GPT-2 medium figure, 55.3% → 45.3% "
-        "once LayerNorm is gone, uses it over a corpus. Sinks let a head do nothing. For corpus-level rates with "
+        "query included, whose attention on the first token is above 0.3; their GPT-2 medium figure, 55.3% for the "
+        "fine-tune with LayerNorm against 45.3% without, uses it over a corpus. Sinks let a head do nothing. For corpus-level rates with "
         "intervals, see the Study page."
     )
     labels = tables.model_labels(s.name for s in summaries)
