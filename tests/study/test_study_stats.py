@@ -163,32 +163,14 @@ def test_nmae_bootstrap_of_a_constant_ratio_is_that_ratio():
     assert 0 < lo < hi < 1
 
 
-def _papers_bootstrap(DLA_heads, direct_ablation, bootstrap_samples=1000, confidence_level=0.95):
-    """``get_global_nmae_with_bootstrap_ci`` of ``run_analysis.py`` (lines 370-408), transcribed independently:
-    ``(heads, samples)`` arrays, NumPy's global generator, percentages."""
-    import torch
-
-    DLA_heads, direct_ablation = torch.tensor(DLA_heads), torch.tensor(direct_ablation)
-    abs_diff = (DLA_heads - direct_ablation).abs()
-    original = abs_diff.mean().item() / (direct_ablation.abs().mean().item() + 1e-10) * 100
-    n_heads, n_samples = DLA_heads.shape
-    reps = []
-    for _ in range(bootstrap_samples):
-        head_indices = np.random.choice(n_heads, n_heads, replace=True)
-        sample_indices = np.random.choice(n_samples, n_samples, replace=True)
-        b_dla = DLA_heads[head_indices][:, sample_indices]
-        b_dir = direct_ablation[head_indices][:, sample_indices]
-        reps.append((b_dla - b_dir).abs().mean().item() / (b_dir.abs().mean().item() + 1e-10) * 100)
-    alpha = 1 - confidence_level
-    return original, *np.percentile(reps, [alpha / 2 * 100, (1 - alpha / 2) * 100])
-
-
 def test_nmae_bootstrap_equals_the_papers_with_the_same_generator():
     rng = np.random.default_rng(5)
     de = rng.normal(0, 1, size=(40, 12))  # (samples, heads)
     dla = de + rng.normal(0, 0.5, size=de.shape)
+    import papers
+
     np.random.seed(11)
-    nmae, lo, hi = _papers_bootstrap(dla.T, de.T, 300)
+    nmae, lo, hi = papers.papers_bootstrap(dla.T, de.T, 300)
     reps = papers_nmae_bootstrap(np.abs(dla - de), np.abs(de), 300, seed=11)
     assert percentile_ci(reps) == pytest.approx((lo / 100, hi / 100), rel=1e-9)
     assert np.abs(dla - de).mean() / (np.abs(de).mean() + 1e-10) == pytest.approx(nmae / 100, rel=1e-12)

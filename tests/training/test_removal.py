@@ -218,16 +218,21 @@ def test_evaluation_forwards_leave_sigma_alone():
     assert ln.ema.item() == ema
 
 
-def test_no_special_sigma_by_default_as_the_released_code():
-    """train.py: bos_special_treatment defaults to False and no caller sets it; EOT's V call divides by the same σ."""
-    ln_1 = FakeLayerNorm(4, calls=("qk", "v", "v_eot")).eval()
+def _removed_ln_1(special: bool):
+    """An ``ln_1`` with every path removed, σ 2 and position 0's σ 5, and an input whose position 3 is EOT."""
+    ln_1 = FakeLayerNorm(4, calls=("qk", "v", "v_eot"), special=special).eval()
     ln_1.sigma.fill_(2.0)
     ln_1.sigma_bos.fill_(5.0)
     ln_1.fake[:] = True
     x = torch.randn(1, 5, 4)
     eot = torch.zeros(1, 5, dtype=torch.bool)
     eot[0, 3] = True
-    centred = x - x.mean(-1, keepdim=True)
+    return ln_1, x, eot, x - x.mean(-1, keepdim=True)
+
+
+def test_no_special_sigma_by_default_as_the_released_code():
+    """train.py: bos_special_treatment defaults to False and no caller sets it; EOT's V call divides by the same σ."""
+    ln_1, x, eot, centred = _removed_ln_1(special=False)
     for path in ("qk", "v"):
         assert [(centred[0, t] / ln_1(x, eot)[path][0, t]).mean().item() for t in range(5)] == pytest.approx([2] * 5)
     model = TrainableGPT2(dict(n_embd=8, n_layer=2, n_head=2, n_positions=8, vocab_size=10))
@@ -235,14 +240,7 @@ def test_no_special_sigma_by_default_as_the_released_code():
 
 
 def test_special_sigma_eot_on_the_v_path_only_and_position_0_everywhere():
-    ln_1 = FakeLayerNorm(4, calls=("qk", "v", "v_eot"), special=True).eval()
-    ln_1.sigma.fill_(2.0)
-    ln_1.sigma_bos.fill_(5.0)
-    ln_1.fake[:] = True
-    x = torch.randn(1, 5, 4)
-    eot = torch.zeros(1, 5, dtype=torch.bool)
-    eot[0, 3] = True
-    centred = x - x.mean(-1, keepdim=True)
+    ln_1, x, eot, centred = _removed_ln_1(special=True)
 
     def divisors(out):
         return [(centred[0, t] / out[0, t]).mean().item() for t in range(5)]
