@@ -4,9 +4,7 @@ models and with the dataset reader mocked, chooses the papers' settings and the 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
