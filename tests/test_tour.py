@@ -25,7 +25,7 @@ def test_the_shipped_tour_tells_the_story_in_six_steps():
     assert "ln-free-story" in shipped_tours()
     assert [s.figure for s in SHIPPED.steps] == ["predictions", "first-token-norm", "dla", "dla-vs-direct-effect",
                                                 "attention-sinks", "parting"]
-    assert all(s.question.strip() and s.notice.strip() for s in SHIPPED.steps)
+    assert all(s.question.text.strip() and s.notice.text.strip() for s in SHIPPED.steps)
     assert SHIPPED.steps[-1].link_page == "study"
     assert all(s.answer and s.counterfactual for s in SHIPPED.steps if s.figure in ("dla", "dla-vs-direct-effect"))
 
@@ -59,8 +59,8 @@ def test_step_text_carries_the_live_numbers_and_nothing_is_missing(runs):
         assert "—" not in notice and "{" not in notice, (i, notice)
         for name in FIGURES[step.figure]:
             for key in (name, f"{name}_a", f"{name}_b"):
-                if "{" + key + ":" in step.notice:
-                    spec = step.notice.split("{" + key + ":")[1].split("}")[0]
+                if "{" + key + ":" in step.notice.text:
+                    spec = step.notice.text.split("{" + key + ":")[1].split("}")[0]
                     assert format(facts[key], spec) in notice
         for w in step.weak:
             assert (render(w.text, facts) in weak) == w.holds(facts)
@@ -91,7 +91,7 @@ def test_a_fact_the_run_cannot_give_shows_a_dash():
     ("title = 'x'\nmodels = ['a']\n" + GOOD_STEP, "'models' must list 2 or 3"),
     ("title = 'x'\n" + GOOD_STEP + "\n  [[steps.weak]]\n  fact = 'nmae_a'\n  below = 1\n  text = 'w'\n",
      "weak fact 'nmae_a'"),
-    ("title = 'x'\n" + GOOD_STEP.replace("{loss_a:.2f}", "{loss_a:.2f"), "malformed placeholder"),
+    ("title = 'x'\n" + GOOD_STEP.replace("{loss_a:.2f}", "{loss_a:.2f"), "lone '{'"),
 ])
 def test_bad_tour_files_get_one_clear_line(text, message):
     with pytest.raises(TourError, match=None) as err:
@@ -106,3 +106,72 @@ def test_a_copied_and_edited_tour_loads(tmp_path):
     assert tour.name == "my-tour" and tour.title.endswith("for my class") and len(tour.steps) == 6
     with pytest.raises(TourError, match="no tour 'nope'"):
         load_tour("nope")
+
+
+# --- A tour file from anyone: nothing in it reaches str.format, memory, or past the server's limits ---------------
+
+PROBES = {
+    # The probe that printed the server's HF_TOKEN through str.format's attribute and item access:
+    "globals": "{zz.__format__.__globals__[Path].exists.__globals__[os].environ[HF_TOKEN]}",
+    "session": "{top_a.__class__.__init__.__globals__[Runtime]._instance._session_mgr}",
+    "nested spec": "{top_a:{top_a.__format__.__globals__[os].environ[HF_TOKEN][0]}<3}",
+    "huge width": "{loss_a:>100000000}",
+    "huge precision": "{loss_a:.100000f}",
+    "conversion": "{loss_a!a}",
+    "index": "{loss_a[0]}",
+}
+
+
+@pytest.mark.parametrize("probe", PROBES)
+@pytest.mark.parametrize("field", ["notice", "question", "weak"])
+def test_every_template_probe_is_refused_when_the_file_is_parsed(probe, field):
+    value = PROBES[probe].replace('"', '\\"')
+    step = GOOD_STEP if field == "weak" else GOOD_STEP.replace(
+        f'{field} = "{"A {loss_a:.2f} B {loss_b:.2f}" if field == "notice" else "Why?"}"', f'{field} = "{value}"')
+    if field == "weak":
+        step += f'\n  [[steps.weak]]\n  fact = "loss_a"\n  below = 1\n  text = "{value}"\n'
+    with pytest.raises(TourError) as err:
+        parse_tour("title = 'x'\n" + step, "mine")
+    message = str(err.value)
+    assert "'mine', step 1" in message and ("weak text 1" if field == "weak" else field) in message
+    assert "\n" not in message and "HF_TOKEN" not in message.split("placeholder")[0]
+
+
+def test_titles_and_the_introduction_hold_no_placeholders():
+    for text, where in (('title = "{loss_a}"\n' + GOOD_STEP, "title"),
+                        ('title = "x"\nintroduction = "{loss_a}"\n' + GOOD_STEP, "introduction"),
+                        ('title = "x"\n' + GOOD_STEP.replace('title = "One"', 'title = "{loss_a.real}"'),
+                         "step 1, title")):
+        with pytest.raises(TourError, match=where):
+            parse_tour(text, "mine")
+    assert parse_tour('title = "braces {{ok}}"\n' + GOOD_STEP, "mine").title == "braces {ok}"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("title = 'x'\n" + GOOD_STEP + "\n  [[steps.weak]]\n  fact = 'loss_a'\n  below = 'x'\n  text = 'w'\n",
+     "weak 1's 'below' must be a number"),
+    ("title = {a = 1}\n" + GOOD_STEP, "'title' must be a non-empty string"),
+    ("title = 'x'\nsteps = " + "[" * 5000 + "]" * 5000, "nested too deeply"),
+    ("title = 'x'\n" + GOOD_STEP.replace('text = "Hello there"', 'text = "' + "a" * 30_000 + '"'), "more than the 20,000"),
+    ("title = 'x'\n" + GOOD_STEP.replace('text = "Hello there"', 'text = "' + "a" * 300_000 + '"'), "larger than 256 kB"),
+    ("title = 'x'\n" + GOOD_STEP + "position = 10000000\n", "'position' must be an integer"),
+    ("title = 'x'\n" + GOOD_STEP + "link_page = '../../etc'\n", "'link_page' must be the name of a page"),
+])
+def test_malformed_values_get_the_tours_own_error(text, message):
+    with pytest.raises(TourError, match=None) as err:
+        parse_tour(text, "mine")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hosted_limits_apply_to_a_tours_values():
+    text = "title = 'x'\nmodels = ['/etc', 'openai-community/gpt2']\n" + GOOD_STEP
+    with pytest.raises(TourError, match="model '/etc' cannot be used here: only registry"):
+        parse_tour(text, "mine", check_model=lambda s: None if s.startswith("openai") else "only registry models")
+    with pytest.raises(TourError, match="more than the 100 this server takes"):
+        parse_tour("title = 'x'\n" + GOOD_STEP.replace("Hello there", "x" * 101), "mine", max_text_chars=100)
+
+
+def test_a_format_that_does_not_fit_the_value_is_the_tours_error():
+    tour = parse_tour("title = 'x'\n" + GOOD_STEP.replace("{loss_a:.2f}", "{loss_a:d}"), "mine")
+    with pytest.raises(TourError, match=r"step 1: the placeholder \{loss_a:d\} cannot format float"):
+        step_text(tour.steps[0], {"loss_a": 1.5}, "step 1")

@@ -12,15 +12,25 @@ unless the tour names its own.
 
 Facts use the suffixes ``_a``, ``_b`` (and ``_c`` with a third model) for the
 models in order; the names each figure provides are in :data:`FIGURES`.
+
+A tour file may come from anyone (the Tour page takes uploads on a public
+server), so its texts are not ``str.format`` templates: ``str.format`` follows
+``.attr`` and ``[key]`` and would read the server's memory.  :class:`Template`
+is a renderer of its own: a placeholder is ``{name}``, ``{name!r}`` or
+``{name:spec}`` with ``name`` one of the step's facts and ``spec`` a plain
+number format (no braces, width and precision of at most 3 digits,
+:data:`SPEC`); ``{{`` and ``}}`` are literal braces; anything else is an error
+found when the file is parsed, naming the file, the step and the placeholder.
 """
 
 from __future__ import annotations
 
 import math
-import string
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -52,12 +62,93 @@ class TourError(InputError):
     """A tour file that cannot be used; the message names the file, the step and what is wrong, in one line."""
 
 
+MAX_TOUR_BYTES = 256_000
+"""A tour file larger than this is refused before it is parsed."""
+MAX_STEPS = 50
+MAX_WEAK = 10
+SPEC = re.compile(r"(?:[ .0*_-]?[<>^=])?[+ -]?#?0?[0-9]{0,3}[,_]?(?:\.[0-9]{1,3})?[deEfFgGs%]?")
+"""The format specs a placeholder may use: fill and align, sign, width and precision of at most 3 digits, grouping
+and a number type: enough for ``{loss_a:.2f}``, ``{first_norm_a:,.0f}`` or ``{x:+.1e}``, never a brace."""
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_PLACEHOLDER = re.compile(r"([A-Za-z_][A-Za-z0-9_]{0,60})(?:!([rs]))?(?::(.*))?", re.S)
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    name: str
+    conversion: str | None
+    spec: str
+
+
+class Template:
+    """A tour text with ``{fact}`` placeholders, parsed once and checked against the facts it may use."""
+
+    def __init__(self, text: str, allowed: set[str], where: str):
+        """``where`` names the text in errors (``tour 'x', step 3, notice``)."""
+        self.text = text
+        self.parts: list[str | Placeholder] = []
+        pos = 0
+        for m in _TOKEN.finditer(text):
+            self.parts.append(text[pos:m.start()])
+            pos = m.end()
+            token = m.group(0)
+            if token in ("{{", "}}"):
+                self.parts.append(token[0])
+                continue
+            if m.group(1) is None:
+                raise TourError(f"{where} has a lone {token!r}: write {token * 2} for a literal brace")
+            inner = _PLACEHOLDER.fullmatch(m.group(1))
+            if inner is None:
+                raise TourError(f"{where} has a malformed placeholder {_short(token)}: use {{fact}} or "
+                                "{fact:.2f}")
+            name, conversion, spec = inner.group(1), inner.group(2), inner.group(3) or ""
+            if not SPEC.fullmatch(spec):
+                raise TourError(f"{where}: the placeholder {_short(token)} has a format spec this tool does not "
+                                "allow (a number format such as .2f, +.1e or ,.0f; width and precision of at most "
+                                "3 digits)")
+            if name not in allowed:
+                raise TourError(f"{where} uses {{{name}}}, which this figure does not provide (it has: "
+                                f"{', '.join(sorted(allowed)) or 'no facts'})")
+            self.parts.append(Placeholder(name, conversion, spec))
+        self.parts.append(text[pos:])
+
+    @property
+    def fields(self) -> set[str]:
+        return {p.name for p in self.parts if isinstance(p, Placeholder)}
+
+    def render(self, facts: dict, where: str = "the step") -> str:
+        """The text with each placeholder filled (a dash for a fact the run cannot give)."""
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            value = facts.get(part.name)
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                out.append("—")
+                continue
+            if part.conversion == "r":
+                value = repr(value)
+            elif part.conversion == "s":
+                value = str(value)
+            try:
+                out.append(format(value, part.spec))
+            except (ValueError, TypeError) as err:
+                raise TourError(f"{where}: the placeholder {{{part.name}:{part.spec}}} cannot format "
+                                f"{type(value).__name__} {_short(str(value))} ({err})") from None
+        return "".join(out)
+
+
+def _short(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[:width] + "…")
+
+
 @dataclass(frozen=True)
 class Weak:
     """A sentence added when ``fact`` is below ``below`` (or above ``above``) on the live run."""
 
     fact: str
-    text: str
+    text: Template
     below: float | None = None
     above: float | None = None
 
@@ -73,9 +164,10 @@ class TourStep:
     title: str
     figure: str
     text: str
-    notice: str
+    """The text the models read (not a template)."""
+    notice: Template
     """What to notice, Markdown with ``{fact}`` placeholders."""
-    question: str
+    question: Template
     """A question or a small exercise for the student (placeholders allowed)."""
     answer: str | None = None
     counterfactual: str | None = None
@@ -99,10 +191,6 @@ def shipped_tours() -> dict[str, Path]:
     return {p.stem: p for p in sorted(TOURS_DIR.glob("*.toml"))}
 
 
-def _fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
-
-
 def _allowed(figure: str) -> set[str]:
     names = set()
     for fact in FIGURES[figure]:
@@ -110,22 +198,61 @@ def _allowed(figure: str) -> set[str]:
     return names
 
 
-def parse_tour(text: str, name: str) -> Tour:
-    """A :class:`Tour` from TOML text; any problem is a :class:`TourError` naming the place."""
+def _number(value, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TourError(f"{what} must be a number")
+    return float(value)
+
+
+def _plain(doc: dict, key: str, where: str, required: bool = True, empty_ok: bool = False) -> str:
+    """A string field that holds no placeholder (literal braces doubled)."""
+    value = doc.get(key, None if required else "")
+    if not isinstance(value, str) or (not empty_ok and not value.strip()):
+        raise TourError(f"{where}: {key!r} must be a{' non-empty' if not empty_ok else ''} string")
+    return Template(value, set(), f"{where}, {key}").render({})
+
+
+def parse_tour(text: str, name: str, *, max_text_chars: int = 20_000,
+               check_model: Callable[[str], str | None] | None = None) -> Tour:
+    """A :class:`Tour` from TOML text; any problem is a :class:`TourError` naming the place.
+
+    Every text is checked here, once: the placeholders of ``notice``, ``question`` and the ``[[steps.weak]]``
+    texts against the step's figure, the titles and introduction for having none; a step's ``text`` against
+    ``max_text_chars``, its models against ``check_model`` (a one-line problem or None: a hosted server allows
+    registry models only), its position and thresholds for being numbers.
+    """
     where = f"tour {name!r}"
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_TOUR_BYTES:
+        raise TourError(f"{where} is larger than {MAX_TOUR_BYTES // 1000} kB")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise TourError(f"{where} is not valid TOML: {err}") from None
+    except RecursionError:
+        raise TourError(f"{where} is nested too deeply to be a tour") from None
     for key in ("title", "steps"):
         if key not in doc:
             raise TourError(f"{where} has no {key!r}")
+    unknown = set(doc) - {"title", "introduction", "steps", "models"}
+    if unknown:
+        raise TourError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    title = _plain(doc, "title", where)
+    introduction = _plain(doc, "introduction", where, required=False, empty_ok=True)
     if not isinstance(doc["steps"], list) or not doc["steps"]:
         raise TourError(f"{where}: 'steps' must be a list of [[steps]] tables")
+    if len(doc["steps"]) > MAX_STEPS:
+        raise TourError(f"{where} has {len(doc['steps'])} steps, more than {MAX_STEPS}")
     models = doc.get("models")
-    if models is not None and (not isinstance(models, list) or not 2 <= len(models) <= 3
-                               or not all(isinstance(m, str) and m for m in models)):
-        raise TourError(f"{where}: 'models' must list 2 or 3 model specs")
+    if models is not None:
+        if not isinstance(models, list) or not 2 <= len(models) <= 3 or not all(isinstance(m, str) and m
+                                                                                 for m in models):
+            raise TourError(f"{where}: 'models' must list 2 or 3 model specs")
+        for spec in models:
+            problem = check_model(spec) if check_model else None
+            if problem:
+                raise TourError(f"{where}: model {_short(spec)} cannot be used here: {problem}")
     steps = []
     for i, raw in enumerate(doc["steps"], 1):
         at = f"{where}, step {i}"
@@ -139,36 +266,45 @@ def parse_tour(text: str, name: str) -> Tour:
             if not isinstance(raw.get(key), str) or not raw[key].strip():
                 raise TourError(f"{at}: {key!r} must be a non-empty string")
         if raw["figure"] not in FIGURES:
-            raise TourError(f"{at}: unknown figure {raw['figure']!r} (one of {', '.join(FIGURES)})")
+            raise TourError(f"{at}: unknown figure {_short(raw['figure'])} (one of {', '.join(FIGURES)})")
+        if len(raw["text"]) > max_text_chars:
+            raise TourError(f"{at}: 'text' has {len(raw['text']):,} characters, more than the {max_text_chars:,} "
+                            "this server takes")
+        for key in ("answer", "counterfactual"):
+            if key in raw and (not isinstance(raw[key], str) or not 0 < len(raw[key]) <= 200):
+                raise TourError(f"{at}: {key!r} must be a token of 1 to 200 characters")
         if raw["figure"] in NEEDS_TARGET and not (raw.get("answer") and raw.get("counterfactual")):
             raise TourError(f"{at}: the {raw['figure']} figure needs an 'answer' and a 'counterfactual' token")
         position = raw.get("position", -1)
-        if not isinstance(position, int) or isinstance(position, bool):
+        if not isinstance(position, int) or isinstance(position, bool) or not -100_000 <= position < 100_000:
             raise TourError(f"{at}: 'position' must be an integer")
+        link_page = raw.get("link_page")
+        if link_page is not None and (not isinstance(link_page, str) or not re.fullmatch(r"[a-z-]{1,40}", link_page)):
+            raise TourError(f"{at}: 'link_page' must be the name of a page, such as 'study'")
         allowed = _allowed(raw["figure"])
+        weak_raw = raw.get("weak", [])
+        if not isinstance(weak_raw, list) or len(weak_raw) > MAX_WEAK:
+            raise TourError(f"{at}: 'weak' must be at most {MAX_WEAK} [[steps.weak]] tables")
         weak = []
-        for w in raw.get("weak", []):
+        for j, w in enumerate(weak_raw, 1):
             if not isinstance(w, dict) or not isinstance(w.get("fact"), str) or not isinstance(w.get("text"), str) \
-                    or ("below" not in w and "above" not in w):
-                raise TourError(f"{at}: each [[steps.weak]] needs 'fact', 'text' and 'below' or 'above'")
+                    or ("below" not in w and "above" not in w) or set(w) - {"fact", "text", "below", "above"}:
+                raise TourError(f"{at}: each [[steps.weak]] needs 'fact', 'text' and 'below' or 'above', and "
+                                "nothing else")
             if w["fact"] not in allowed:
-                raise TourError(f"{at}: weak fact {w['fact']!r} is not one of this figure's facts")
-            weak.append(Weak(w["fact"], w["text"], w.get("below"), w.get("above")))
-        for key in ("notice", "question"):
-            try:
-                unknown_facts = _fields(raw[key]) - allowed
-            except ValueError as err:
-                raise TourError(f"{at}: {key!r} has a malformed placeholder ({err})") from None
-            if unknown_facts:
-                raise TourError(f"{at}: {key!r} uses {{{sorted(unknown_facts)[0]}}}, which the {raw['figure']} figure "
-                                f"does not provide (it has: {', '.join(sorted(allowed))})")
-        steps.append(TourStep(raw["title"], raw["figure"], raw["text"], raw["notice"], raw["question"],
-                              raw.get("answer"), raw.get("counterfactual"), position, tuple(weak), raw.get("link_page")))
-    return Tour(name, doc["title"], doc.get("introduction", ""), tuple(steps), tuple(models) if models else None)
+                raise TourError(f"{at}: weak fact {_short(w['fact'])} is not one of this figure's facts")
+            weak.append(Weak(w["fact"], Template(w["text"], allowed, f"{at}, weak text {j}"),
+                             _number(w.get("below"), f"{at}: weak {j}'s 'below'"),
+                             _number(w.get("above"), f"{at}: weak {j}'s 'above'")))
+        steps.append(TourStep(_plain(raw, "title", at), raw["figure"], raw["text"],
+                              Template(raw["notice"], allowed, f"{at}, notice"),
+                              Template(raw["question"], allowed, f"{at}, question"),
+                              raw.get("answer"), raw.get("counterfactual"), position, tuple(weak), link_page))
+    return Tour(name, title, introduction, tuple(steps), tuple(models) if models else None)
 
 
-def load_tour(name_or_path: str | Path) -> Tour:
-    """A shipped tour by name, or a tour file by path."""
+def load_tour(name_or_path: str | Path, **checks) -> Tour:
+    """A shipped tour by name, or a tour file by path (``checks``: see :func:`parse_tour`)."""
     shipped = shipped_tours()
     if isinstance(name_or_path, str) and name_or_path in shipped:
         path = shipped[name_or_path]
@@ -180,7 +316,7 @@ def load_tour(name_or_path: str | Path) -> Tour:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise TourError(f"tour {path.name!r} is not UTF-8 text") from None
-    return parse_tour(text, path.stem)
+    return parse_tour(text, path.stem, **checks)
 
 
 def step_facts(step: TourStep, result, analyse=None) -> dict[str, float | str]:
@@ -224,28 +360,14 @@ def step_facts(step: TourStep, result, analyse=None) -> dict[str, float | str]:
     return facts
 
 
-class _Missing:
-    """A fact this run cannot give (a third model's, an empty pair): shown as a dash, whatever the format."""
-
-    def __format__(self, spec: str) -> str:
-        return "—"
-
-
-class _Facts(dict):
-    def __missing__(self, key):
-        return _Missing()
+def render(template: Template | str, facts: dict, where: str = "the step") -> str:
+    """``template`` with its placeholders filled from ``facts`` (a string is parsed first, any fact allowed)."""
+    if isinstance(template, str):
+        template = Template(template, {p.group(1) for p in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)", template)}, where)
+    return template.render(facts, where)
 
 
-def render(template: str, facts: dict) -> str:
-    """``template`` with its placeholders filled from ``facts`` (numbers keep their format spec)."""
-    safe = {k: (_Missing() if isinstance(v, float) and not math.isfinite(v) else v) for k, v in facts.items()}
-    try:
-        return string.Formatter().vformat(template, (), _Facts(safe))
-    except (ValueError, TypeError) as err:
-        raise TourError(f"a placeholder of the step cannot be filled: {err}") from None
-
-
-def step_text(step: TourStep, facts: dict) -> tuple[str, list[str], str]:
+def step_text(step: TourStep, facts: dict, where: str = "the step") -> tuple[str, list[str], str]:
     """``(notice, weak sentences that hold, question)`` rendered for the live run."""
-    return (render(step.notice, facts), [render(w.text, facts) for w in step.weak if w.holds(facts)],
-            render(step.question, facts))
+    return (step.notice.render(facts, where), [w.text.render(facts, where) for w in step.weak if w.holds(facts)],
+            step.question.render(facts, where))

@@ -7,9 +7,11 @@ import streamlit as st
 from noln_core.analyses import attention, direct_logit_attribution, head_direct_effects, next_token, residual_norms
 from noln_core.errors import InputError
 from noln_core.tokenizer import decode_utf8
-from noln_core.teaching.tour import Tour, TourError, TourStep, load_tour, parse_tour, shipped_tours
+from noln_core.teaching.tour import MAX_TOUR_BYTES, Tour, TourError, TourStep, load_tour, parse_tour, shipped_tours
 from noln_core.viz import figures, tables
+from pages.shell import limits
 from pages.shell.display import figure, md
+from pages.shell.links import valid_model_spec
 from pages.shell.runs import analysis
 from pages.shell.state import queue_state, request_state, set_state, state
 
@@ -58,18 +60,29 @@ def chosen_tour() -> Tour | None:
     if picked != state().tour:
         set_state(tour=picked, step=1 if state().tour not in (None, picked) else state().step)
     try:
-        return load_tour(picked)
+        return load_tour(picked, **tour_checks())
     except TourError as err:
         st.error(md(str(err)), icon=":material/error:")
         return None
+
+
+def tour_checks() -> dict:
+    """What this server requires of a tour's values: its text limit, and (hosted) registry models only."""
+    hosted = limits.LIMITS.hosted
+    return {"max_text_chars": limits.LIMITS.max_text_chars,
+            "check_model": lambda spec: valid_model_spec(spec, allow_local=not hosted, registry_only=hosted)}
 
 
 def _uploaded() -> None:
     file = st.session_state.get("w_tour_upload")
     if file is None:
         return
+    name = file.name.removesuffix(".toml")[:60]
     try:
-        tour = parse_tour(decode_utf8(file.getvalue(), f"the file {file.name!r}"), file.name.removesuffix(".toml"))
+        data = file.getvalue()
+        if len(data) > MAX_TOUR_BYTES:
+            raise TourError(f"tour {name!r} is larger than {MAX_TOUR_BYTES // 1000} kB")
+        tour = parse_tour(decode_utf8(data, f"the tour file {name!r}"), name, **tour_checks())
     except (TourError, InputError) as err:
         st.session_state[_ERROR] = str(err)
         return

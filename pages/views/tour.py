@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from noln_core.teaching.tour import step_facts, step_text
+from noln_core.teaching.tour import TourError, step_facts, step_text
 from pages import PAGES
 from pages.shell.display import md
 from pages.shell.runs import analysis, current_run
@@ -19,8 +19,14 @@ if tour is not None:
     st.progress(index / len(tour.steps), text=f"Step {index} of {len(tour.steps)}")
     st.subheader(step.title)
     result = current_run()
-    if result is not None:
-        notice, weak, question = step_text(step, inert_facts(step_facts(step, result, analysis)))
+    try:
+        text = step_text(step, inert_facts(step_facts(step, result, analysis)), f"tour {tour.name!r}, step {index}") \
+            if result is not None else None
+    except TourError as err:
+        st.error(md(str(err)), icon=":material/error:")
+        text = None
+    if result is not None and text is not None:
+        notice, weak, question = text
         step_figure(step, result)
         st.markdown("**What to notice.** " + notice.strip())
         for sentence in weak:
