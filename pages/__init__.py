@@ -2,15 +2,21 @@
 
 Each page is a thin script in ``pages/views/`` run by ``st.navigation`` from
 ``app.py``; the shell it uses (state, caching, sidebar, exports) is in
-``pages/shell/``.  Page scripts live one folder down on purpose: Streamlit runs
-any ``pages/*.py`` beside the main script on its own (its pre-``st.navigation``
-mode) for a fresh server's first request and in ``AppTest``, bypassing
-``app.py``.  With nothing but this ``__init__.py`` at the top of ``pages/``,
-that mode finds no page of its own, falls back to ``app.py``, and
-``app.py``'s ``st.navigation`` then opens the page the URL names.
+``pages/shell/``.
 
-Adding a page: write ``pages/views/NAME.py``, add one :class:`PageSpec` below,
-and its tests.  Links, navigation and the tests that visit every page read
+The ``pages/NAME.py`` files beside this one are first-request shims, one per
+page but the default, each only running ``app.py``.  A fresh server serves its
+first request in Streamlit's old multipage mode, because a ``pages/`` folder
+exists: the pages it knows are the ``pages/*.py`` files.  Without a file for
+the page a link names (``/attribution?...``), that mode tells the browser
+"Page not found" before ``app.py``'s ``st.navigation`` opens the right page
+underneath.  With the shim it finds the page, runs ``app.py`` through it, and
+``st.navigation`` opens the page the URL names; from then on the process uses
+``st.navigation`` alone.  The real page scripts live one folder down so that
+this mode never runs one of them without ``app.py``.
+
+Adding a page: write ``pages/views/NAME.py``, copy a shim to ``pages/NAME.py``,
+add one :class:`PageSpec` below, and its tests.  Links, navigation and the tests that visit every page read
 this list.
 """
 

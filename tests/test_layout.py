@@ -136,3 +136,15 @@ def test_declared_python_is_the_lowest_the_code_parses_on_and_this_one_meets_it(
     assert sys.version_info[:2] >= (3, minor)
     for path in [*SOURCES, ROOT / "app.py", *(ROOT / "pages").rglob("*.py")]:
         ast.parse(path.read_text(), feature_version=(3, minor))
+
+
+def test_every_page_but_the_default_has_its_first_request_shim():
+    """pages/NAME.py runs app.py only (pages/__init__.py says why); nothing else sits at the top of pages/."""
+    from pages import PAGES
+
+    shims = {p.stem for p in (ROOT / "pages").glob("*.py")} - {"__init__"}
+    assert shims == {spec.name for spec in PAGES[1:]}
+    for name in shims:
+        code = [line for line in (ROOT / "pages" / f"{name}.py").read_text().splitlines()
+                if line and not line.startswith(('"""', "import", "from"))]
+        assert code == ['runpy.run_path(str(Path(__file__).resolve().parents[1] / "app.py"), run_name="__main__")']

@@ -25,7 +25,7 @@ SHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-PAGES = [("Overview", "Overview: what each model predicts", 2), ("Tour", "What removing LayerNorm changes, in six steps", 1),
+PAGES_SHOWN = PAGES = [("Overview", "Overview: what each model predicts", 2), ("Tour", "What removing LayerNorm changes, in six steps", 1),
          ("Logit difference", "Logit difference and its logit lens", 1),
          ("Residual norms", "Residual-stream norms", 3), ("Attribution", "Attribution: who wrote the logit difference?", 4),
          ("Attention", "Attention and attention sinks", 2), ("Study", "Study: a corpus, many models", 0),
@@ -38,36 +38,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def streamlit_server(ln_dir, noln_dir):
-    """A fresh Streamlit server on a free loopback port, stopped afterwards."""
+def _start(ln_dir, noln_dir, **env_changes) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "NOLN_DEFAULT_MODELS": f"{ln_dir},{noln_dir}", "HF_HUB_OFFLINE": "1", "NOLN_HOSTED": "0",
-           "NOLN_STUDY_CACHE": tempfile.mkdtemp(prefix="noln-study-")}
+           "NOLN_STUDY_CACHE": tempfile.mkdtemp(prefix="noln-study-"), **env_changes}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.time() + 90
     while time.time() < deadline:
         try:
             if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
+                return
         except OSError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start: " + (proc.stdout.read() if proc.stdout else ""))
+    proc.kill()
+    pytest.fail("streamlit did not start: " + (proc.stdout.read() if proc.stdout else ""))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        yield url
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@contextlib.contextmanager
+def streamlit_server(ln_dir, noln_dir, **env_changes):
+    """A fresh Streamlit server on a free loopback port, stopped afterwards."""
+    with fresh_servers(1, ln_dir, noln_dir, **env_changes) as urls:
+        yield urls[0]
+
+
+@contextlib.contextmanager
+def fresh_servers(count: int, ln_dir, noln_dir, **env_changes):
+    """``count`` fresh servers started side by side (each one's first request is still to come)."""
+    started = [_start(ln_dir, noln_dir, **env_changes) for _ in range(count)]
+    try:
+        for proc, url in started:
+            _wait_healthy(proc, url)
+        yield [url for _, url in started]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc, _ in started:
+            _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -135,19 +156,32 @@ def test_study_page_runs_a_study_in_a_real_browser(server, browser, ln_dir, noln
     page.screenshot(path=str(SHOTS / "study-run.png"), full_page=True)
 
 
-def test_a_fresh_servers_first_request_for_a_page_opens_that_page(browser, ln_dir, noln_dir):
-    """Streamlit's pre-navigation mode serves a fresh server's first request; it must still end on the full app."""
-    with streamlit_server(ln_dir, noln_dir) as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        query = urlencode({"text": "The Eiffel Tower is located in the city of", "answer": " Paris",
-                           "counterfactual": " London", "attr_layer": "1"})
-        page.goto(f"{url}/attribution?{query}")
-        page.get_by_role("heading", name="Attribution: who wrote the logit difference?").wait_for(timeout=60_000)
-        _wait_for_charts(page, 4)
-        _assert_no_exception(page)
-        assert page.locator("[data-testid='stSidebarNav'] a").count() == len(PAGES)
-        assert page.locator("textarea").first.input_value() == "The Eiffel Tower is located in the city of"
-        assert "attr_layer=1" in page.url and "page=attribution" in page.url
+def test_every_page_opened_by_a_link_as_a_fresh_servers_first_request_shows_no_dialog(browser, ln_dir, noln_dir):
+    """A Space that slept restarts fresh: its first visitor arrives through a link copied from the address bar
+    (/NAME?...), to any page.  No "Page not found" dialog, and the page itself.  (The footer's links, /?page=NAME,
+    and the default page are served at /, which a fresh server always finds.)"""
+    from pages import PAGES
+
+    query = {"text": "The Eiffel Tower is located in the city of", "answer": " Paris", "counterfactual": " London",
+             "attr_layer": "1"}
+    links = [f"/{spec.name}?{urlencode(query)}" for spec in PAGES[1:]]
+    headings = {spec.name: heading for spec, (_, heading, _) in zip(PAGES, PAGES_SHOWN)}
+    with fresh_servers(len(links), ln_dir, noln_dir, OMP_NUM_THREADS="1") as urls:
+        pages = []
+        for url, link in zip(urls, links):
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url + link, wait_until="commit")
+            pages.append(page)
+        for page, link in zip(pages, links):
+            name = link[1:].split("?")[0]
+            page.get_by_role("heading", name=headings[name]).wait_for(timeout=90_000)
+            page.wait_for_timeout(1500)  # a dialog comes with the first messages; give it time to show
+            assert page.locator("[role=dialog]").count() == 0, (link, page.locator("[role=dialog]").all_inner_texts())
+            _assert_no_exception(page)
+            assert page.locator("[data-testid='stSidebarNav'] a").count() == len(PAGES)
+            assert page.locator("textarea").first.input_value() == query["text"]
+            assert f"page={name}" in page.url
+            page.close()
 
 
 def test_a_shared_link_opens_the_same_view(server, browser, ln_dir, noln_dir):
