@@ -199,7 +199,9 @@ def estimate_bytes(source: str, device: str = "auto", dtype: str | torch.dtype =
     resolve_device(device)
     itemsize = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
     directory, source, revision, _ = _locate(source, revision, allow_local, config_only=True)
-    return read_config(directory, source).n_parameters() * itemsize
+    config = read_config(directory, source)
+    # The folded model drops the LN parameters and adds b_U (one per token) and w_U: an upper bound.
+    return (config.n_parameters() + config.vocab_size + config.n_embd) * itemsize
 
 
 def load_model(

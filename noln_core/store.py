@@ -14,12 +14,20 @@
   with one line instead of an out-of-memory kill.
 * A failed load is not remembered: the next request tries again, so an
   interrupted download or a transient hub error never poisons the store.
+* The budget counts every model still alive, not only the resident ones: a
+  model evicted while a run (or anything else) still holds it keeps taking
+  memory, so the store follows each model it handed out with a weak reference
+  (:meth:`live_bytes`).  When eviction cannot make room because evicted models
+  are still in use, a load waits for them to be released (up to ``max_wait``),
+  then is refused with one line.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Callable
 
@@ -54,8 +62,10 @@ class ModelStore:
         self._models: OrderedDict[Key, LoadedModel] = OrderedDict()
         self._cond = threading.Condition()  # guards _models and _queue
         self._queue: list[object] = []  # one ticket per request waiting to load, the loading one first
+        self._handed: list[tuple[weakref.ref, int]] = []  # every model loaded, while alive, and its bytes
         self.loads = 0
         self.evictions = 0
+        self.waits = 0
 
     def _resident(self, key: Key) -> LoadedModel | None:
         with self._cond:
@@ -103,12 +113,13 @@ class ModelStore:
             if model is not None:
                 return model
             if self.max_bytes is not None:
-                self._make_room(spec, self._estimate(spec, device, dtype), dtype)  # type: ignore[misc]
+                self._make_room(spec, self._estimate(spec, device, dtype), dtype, deadline)  # type: ignore[misc]
             model = self._loader(spec, device=device, dtype=dtype)
             with self._cond:
                 self.loads += 1
                 self._models[key] = model
                 self._sizes[key] = getattr(model, "nbytes", 0)
+                self._handed.append((weakref.ref(model), self._sizes[key]))
                 while len(self._models) > self.max_models:
                     self._evict_oldest()
             return model
@@ -122,22 +133,48 @@ class ModelStore:
         self._sizes.pop(key, None)
         self.evictions += 1
 
-    def _make_room(self, spec: str, need: int, dtype: str) -> None:
-        """Evict the least recently used models until ``need`` more bytes fit the budget; refuse what never fits."""
+    def _make_room(self, spec: str, need: int, dtype: str, deadline: float | None) -> None:
+        """Evict the least recently used models until ``need`` more bytes fit the budget with every model still
+        alive; wait for evicted models in use to be released; refuse what never fits."""
         assert self.max_bytes is not None
         if need > self.max_bytes:
             raise ModelLoadError(
                 f"{spec} needs about {_size(need)} as {dtype}, more than the {_size(self.max_bytes)} this server keeps "
                 "for models: pick a smaller model, or bfloat16"
             )
-        with self._cond:
-            while self._models and self.resident_bytes() + need > self.max_bytes:
-                self._evict_oldest()
+        waited = False
+        deadline = time.monotonic() + 60 if deadline is None else deadline
+        while True:
+            with self._cond:
+                while self._models and self.live_bytes() + need > self.max_bytes:
+                    self._evict_oldest()
+                if self.live_bytes() + need <= self.max_bytes:
+                    return
+            gc.collect()  # an evicted model held only by a reference cycle
+            if self.live_bytes() + need <= self.max_bytes:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise ModelLoadError(
+                    f"the server's memory for models is held by runs in progress ({_size(self.live_bytes())} of "
+                    f"{_size(self.max_bytes)}); {spec} does not fit yet: try again in a minute"
+                )
+            if not waited:
+                self.waits += 1
+                waited = True
+            with self._cond:
+                self._cond.wait(timeout=0.2)
 
     def resident_bytes(self) -> int:
         """Bytes of the resident models' weights."""
         with self._cond:
             return sum(self._sizes.values())
+
+    def live_bytes(self) -> int:
+        """Bytes of every model this store loaded that is still alive: the resident ones, and evicted ones that
+        something (a run in progress, a session) still holds."""
+        with self._cond:
+            self._handed = [(ref, size) for ref, size in self._handed if ref() is not None]
+            return sum(size for _, size in self._handed)
 
     def waiting(self) -> int:
         """Requests queued to load, the one loading now included."""

@@ -160,3 +160,27 @@ def test_waiting_for_a_turn_is_time_limited():
         assert store.waiting() == 1  # the request that gave up left the queue
         release.set()
         assert slow.result().spec == "slow"
+
+
+def test_the_budget_counts_evicted_models_that_are_still_held():
+    """An evicted model a run still holds takes memory: a load that would pass the budget with it waits, then is
+    refused; once it is released, the load goes through."""
+    from noln_core.errors import ModelLoadError
+
+    store = ModelStore(8, lambda spec, **_: SizedModel(spec, 10), max_bytes=25, estimate=lambda *_: 10)
+    a, b = store.get("a", "cpu", "float32"), store.get("b", "cpu", "float32")
+    with pytest.raises(ModelLoadError, match="held by runs in progress"):
+        store.get("c", "cpu", "float32", max_wait=0.3)
+    assert store.live_bytes() == 20 and store.resident() == []  # evicted, yet alive
+    del a
+    c = store.get("c", "cpu", "float32", max_wait=0.3)
+    assert store.live_bytes() == 20 and {m.spec for m in (b, c)} == {"b", "c"}
+
+
+def test_a_load_waits_for_a_held_model_to_be_released():
+    store = ModelStore(8, lambda spec, **_: SizedModel(spec, 10), max_bytes=25, estimate=lambda *_: 10)
+    held = [store.get("a", "cpu", "float32"), store.get("b", "cpu", "float32")]
+    threading.Timer(0.4, held.clear).start()  # the runs holding them end
+    started = time.monotonic()
+    assert store.get("c", "cpu", "float32", max_wait=10).spec == "c"
+    assert 0.3 < time.monotonic() - started < 5 and store.waits == 1 and store.live_bytes() <= 25

@@ -76,6 +76,22 @@ def load(spec: str, device: str, dtype: str) -> LoadedModel:
             note.empty()
 
 
+def check_together(specs: list[str], device: str, dtype: str) -> None:
+    """Refuse, in one line, models that one run needs alive together and that do not fit the model budget together
+    (each alone might: the store would then wait for the run's own models to be released)."""
+    budget = limits.LIMITS.model_memory_mb
+    if not budget or len(specs) < 2:
+        return
+    try:
+        need = sum(_estimate(spec, device, dtype) for spec in specs)
+    except noln_core.NolnError:  # a model that cannot load at all: its own load says why, in order
+        return
+    if need > budget * 1_000_000:
+        raise noln_core.ModelLoadError(
+            f"these {len(specs)} models need about {need / 1e6:,.0f} MB together as {dtype}, more than the "
+            f"{budget:,} MB this server keeps for models: pick fewer or smaller models, or bfloat16")
+
+
 @dataclass
 class _Entry:
     result: RunResult
@@ -189,13 +205,14 @@ def _kept_with_run(key: RunKey, result: RunResult, name: str, compute: Callable[
     return value
 
 
-def head_patterns(models: tuple[LoadedModel, ...], key: RunKey, result: RunResult, layer: int,
+def head_patterns(models: Callable[[], tuple[LoadedModel, ...]], key: RunKey, result: RunResult, layer: int,
                   head: int) -> list[np.ndarray]:
     """One head's pattern in every model, computed when first shown and kept with the run (runs keep no patterns:
-    every head of every layer is ``L x H x n x n`` floats, of which a page shows one head)."""
+    every head of every layer is ``L x H x n x n`` floats, of which a page shows one head).  ``models()`` gives the
+    run's models, asked only when the pattern is not kept yet."""
     def compute() -> list[np.ndarray]:
         with st.spinner(f"Attention pattern of L{layer}H{head}…"):
-            return [head_pattern(m, result.token_ids, layer, head) for m in models]
+            return [head_pattern(m, result.token_ids, layer, head) for m in models()]
 
     return _kept_with_run(key, result, f"pattern:{layer}:{head}", compute)
 

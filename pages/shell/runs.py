@@ -20,13 +20,21 @@ from pages.shell.display import md
 from pages.shell.state import state, unshown_link_notes
 
 _RUN = "_run"
-_MODELS = "_models"
+_SPECS = "_model_specs"
+"""The current run's models as (spec, device, dtype): a session keeps no model itself, so the model store's budget
+counts every model alive (:class:`noln_core.store.ModelStore`)."""
 
 
 def _load_models() -> tuple[LoadedModel, ...] | None:
     s = state()
     models = []
-    for spec in [x for x in (s.model_a, s.model_b, s.model_c) if x]:
+    specs = [x for x in (s.model_a, s.model_b, s.model_c) if x]
+    try:
+        cache.check_together(specs, s.device, s.dtype)
+    except NolnError as err:
+        st.error(md(str(err)), icon=":material/error:")
+        return None
+    for spec in specs:
         try:
             models.append(cache.load(spec, s.device, s.dtype))
         except NolnError as err:
@@ -68,7 +76,7 @@ def prepare() -> RunResult | None:
     sidebar.token_pickers(result)
     sidebar.tokenisation_inspector(models)
     st.session_state[_RUN] = (key, result)
-    st.session_state[_MODELS] = models
+    st.session_state[_SPECS] = tuple((spec, s.device, s.dtype) for spec in (s.model_a, s.model_b, s.model_c) if spec)
     return result
 
 
@@ -86,9 +94,11 @@ def current_run() -> RunResult | None:
 
 
 def head_patterns(layer: int, head: int) -> list[np.ndarray]:
-    """One head's attention pattern in every model of the current run (computed once, then cached with it)."""
+    """One head's attention pattern in every model of the current run (computed once, then cached with it); the
+    models come from the store, as the run's did."""
     key, result = st.session_state[_RUN]
-    return cache.head_patterns(st.session_state[_MODELS], key, result, layer, head)
+    return cache.head_patterns(lambda: tuple(cache.load(*spec) for spec in st.session_state[_SPECS]), key, result,
+                               layer, head)
 
 
 def analysis(fn: Callable[..., Any], **options: Any) -> Any:

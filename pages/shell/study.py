@@ -220,6 +220,11 @@ def request_input() -> Request | None:
 def _load(specs: tuple[str, ...]) -> list[LoadedModel] | None:
     s = state()
     models = []
+    try:
+        cache.check_together(list(specs), s.device, s.dtype)
+    except NolnError as err:
+        st.error(md(str(err)), icon=":material/error:")
+        return None
     for spec in specs:
         try:
             models.append(cache.load(spec, s.device, s.dtype))
