@@ -50,6 +50,7 @@ stays bounded whatever the corpus), which every process of a study then reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -140,13 +141,16 @@ class Corpus:
     config: str | None = None
     split: str = "train"
     text: str | None = None
-    """The text itself, for ``kind == "text"``."""
+    """The text itself, for ``kind == "text"``; for ``jsonl``, an uploaded file's content held in memory (``source``
+    is then its name, never a path on the server)."""
     sampling: Sampling = Sampling()
     """How its rows become sequences."""
 
     def describe(self) -> str:
         if self.kind == "text":
             where = f"pasted text ({len(self.text or '')} characters)"
+        elif self.text is not None:
+            where = f"the uploaded file {self.source!r}"
         elif self.kind == "dataset":
             cfg = f":{self.config}" if self.config else ""
             where = f"{self.source}{cfg} ({self.split}, column {self.field or 'text/input_ids'})"
@@ -157,9 +161,9 @@ class Corpus:
     def identity(self) -> dict:
         """What makes two corpora the same for caching and resuming: contents, not names."""
         ident = {k: v for k, v in asdict(self).items() if k != "text"}
-        if self.kind == "text":
-            ident["sha256"] = hashlib.sha256((self.text or "").encode("utf-8", "surrogatepass")).hexdigest()
-        elif self.kind in ("file", "jsonl", "demo", "dir"):
+        if self.text is not None:  # pasted text, or an uploaded file held in memory
+            ident["sha256"] = hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()
+        elif self.kind in ("file", "jsonl", "demo", "dir") and self.text is None:
             paths = _files(self) if self.kind == "dir" else [_path(self)]
             ident["files"] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
         return ident
@@ -211,12 +215,13 @@ def documents(corpus: Corpus) -> Iterator[str | list[int]]:
     elif corpus.kind == "file":
         yield _read_text(_path(corpus))
     elif corpus.kind == "demo":  # one held-out chapter per line
-        yield from _jsonl(_path(corpus), "text")
+        yield from _jsonl(_path(corpus), "text", DEMO_CORPUS)
     elif corpus.kind == "dir":
         for path in _files(corpus):
             yield _read_text(path)
     elif corpus.kind == "jsonl":
-        yield from _jsonl(_path(corpus), corpus.field or "text")
+        yield from _jsonl(_path(corpus) if corpus.text is None else corpus.text, corpus.field or "text",
+                          corpus.source)
     elif corpus.kind == "dataset":
         yield from _dataset_rows(corpus)
     else:
@@ -227,21 +232,31 @@ def _read_text(path: Path) -> str:
     return check_text(decode_utf8(path.read_bytes(), f"the corpus file {str(path)!r}"), f"the corpus file {str(path)!r}")
 
 
-def _jsonl(path: Path, field: str) -> Iterator[str | list[int]]:
-    with open(path, "rb") as fh:
+def text_lines(text: str) -> Iterator[bytes]:
+    """An in-memory file's lines, as reading it from disk would give them."""
+    for line in text.splitlines(keepends=True):
+        yield line.encode("utf-8", "surrogatepass")
+
+
+def _jsonl(source: Path | str, field: str, name: str) -> Iterator[str | list[int]]:
+    """The documents of a JSONL file on disk (``source`` a path) or in memory (``source`` its text)."""
+    where = repr(str(source)) if isinstance(source, Path) else repr(name)
+    with (open(source, "rb") if isinstance(source, Path) else contextlib.nullcontext(text_lines(source))) as fh:
         for number, raw in enumerate(fh, 1):
-            line = decode_utf8(raw, f"line {number} of {str(path)!r}").strip()
+            line = decode_utf8(raw, f"line {number} of {where}").strip()
             if not line:
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise InputError(f"line {number} of {str(path)!r} is not JSON ({err.msg})") from None
+                raise InputError(f"line {number} of {where} is not JSON ({err.msg})") from None
+            except RecursionError:
+                raise InputError(f"line {number} of {where} is nested too deeply to be a document") from None
             if not isinstance(row, dict) or field not in row:
-                keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-                raise InputError(f"line {number} of {str(path)!r} has no field {field!r} (it has: {keys}); "
+                keys = ", ".join(sorted(row)[:20]) if isinstance(row, dict) else type(row).__name__
+                raise InputError(f"line {number} of {where} has no field {field!r} (it has: {keys}); "
                                  "choose one with --field")
-            yield _document(row[field], f"field {field!r} on line {number} of {str(path)!r}")
+            yield _document(row[field], f"field {field!r} on line {number} of {where}")
 
 
 def _document(value, what: str) -> str | list[int]:

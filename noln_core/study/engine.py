@@ -10,9 +10,12 @@ totals are exact integer sums and each batch holds the same sequences whatever
 State lives in a directory named by a hash of everything that decides the
 numbers (models, corpus, sequence length, BOS, budget, batch, settings): the
 chunked corpus (``chunks.u32``), and one file per process and shard
-(``shard-R-of-P.pt``) saved every ``save_every`` seconds and when stopped.
-Running the same study again resumes each shard where it stopped; a finished
-study is answered from its saved totals without a forward pass.
+(``shard-R-of-P.pt``, its totals stored compactly) saved every ``save_every``
+seconds and when stopped.  Running the same study again resumes each shard
+where it stopped.  A finished study keeps only its result (``result.pt``: the
+merged totals and the few contexts its report quotes); the chunks and shards
+go, and asking again answers from the result without a forward pass.
+:func:`prune_cache` keeps the directory of studies within a byte budget.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +43,8 @@ from .stats import Totals
 
 FORMAT = 2
 """Version of the saved state; a change discards old state."""
+RESULT = "result.pt"
+"""A finished study's file: all that stays of it."""
 PROBE = "Tokenizers agree on this: naïve café, 1234, \t tabs and ünïcödé — done."
 
 
@@ -129,9 +136,45 @@ def default_seq_len(models: list[LoadedModel]) -> int:
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    """Write ``state`` to ``path`` through a temporary file of this writer's own, then rename: two writers (a
+    session stopping, another resuming) never write into one file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def _finish(directory: Path, totals: Totals, contexts: dict[int, str], meta: dict) -> None:
+    """Keep a finished study as its result alone: the merged totals, the contexts it quotes, what it was."""
+    _save(directory / RESULT, {"totals": _to_torch(totals.to_state()), "contexts": contexts, "meta": meta})
+    for path in directory.iterdir():
+        if path.name != RESULT and not path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def prune_cache(root: Path, max_bytes: int, keep: set[str] = frozenset()) -> list[str]:
+    """Delete the least recently used studies under ``root`` until it holds at most ``max_bytes``.
+
+    A study's directory is touched whenever it is used, so its modification time says when it was last used.
+    ``keep`` names directories never deleted (studies running now).  Returns the names deleted.
+    """
+    if not root.is_dir():
+        return []
+    studies = [(p.stat().st_mtime, p, directory_bytes(p)) for p in root.iterdir() if p.is_dir()]
+    total = sum(size for _, _, size in studies)
+    deleted = []
+    for _, path, size in sorted(studies, key=lambda x: x[0]):
+        if total <= max_bytes:
+            break
+        if path.name in keep:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        total -= size
+        deleted.append(path.name)
+    return deleted
 
 
 def _to_torch(obj):
@@ -192,10 +235,21 @@ def run_study(
     directory = (state_dir or cache_root()) / key
     ref = models[0]
     error = None
+    if world.rank == 0 and restart and directory.exists():
+        shutil.rmtree(directory)
+    if (directory / RESULT).exists():  # finished: answered from its result
+        os.utime(directory)
+        if world.rank != 0:
+            return None
+        saved = torch.load(directory / RESULT, weights_only=True)
+        meta, contexts = saved["meta"], saved["contexts"]
+        if progress is not None:
+            progress(Progress(meta["n"], meta["n"], 0.0, meta["n"]))
+        return build_result(Totals.from_state(_to_numpy(saved["totals"])), models, settings, seq_len=seq_len,
+                            bos=bos, processes=meta["processes"], corpus=corpus.describe(), complete=True,
+                            context=lambda where: contexts.get(int(where), ""), corpus_spec=_spec(corpus),
+                            max_tokens=max_tokens, skipped_rows=meta["skipped"])
     if world.rank == 0:
-        if restart and directory.exists():
-            for p in directory.glob("*"):
-                p.unlink()
         try:
             chunks = prepare_chunks(corpus, ref.tokenizer, directory, seq_len, bos=bos, max_tokens=max_tokens,
                                     eot_id=ref.info.bos_token_id, d_vocab=ref.info.d_vocab)
@@ -218,11 +272,13 @@ def run_study(
     n_batches = -(-chunks.n // batch)
     mine = list(range(world.rank, n_batches, world.processes))
     my_total = sum(min(batch, chunks.n - i * batch) for i in mine)
+    os.utime(directory)  # used now: the least recently used studies are pruned first
     shard = directory / f"shard-{world.rank}-of-{world.processes}.pt"
     totals, position = Totals(), 0
     if shard.exists():
         state = torch.load(shard, weights_only=True)
         totals, position = Totals.from_state(_to_numpy(state["totals"])), int(state["position"])
+    loaded = position
     done = sum(min(batch, chunks.n - i * batch) for i in mine[:position])
     resumed = done
     if log and resumed:
@@ -231,7 +287,8 @@ def run_study(
     stopped = interrupted = False
 
     def save() -> None:
-        _save(shard, {"totals": _to_torch(totals.to_state()), "position": position, "key": key})
+        if position != loaded:  # nothing ran: the shard on disk (another writer's, perhaps) stays as it is
+            _save(shard, {"totals": _to_torch(totals.to_state()), "position": position, "key": key})
 
     try:
         while position < len(mine):
@@ -265,10 +322,27 @@ def run_study(
         totals = Totals()
         for part in parts or []:
             totals.merge(Totals.from_state(part))
-    spec = {k: v for k, v in asdict(corpus).items() if k != "text"}
-    return build_result(totals, models, settings, seq_len=seq_len, bos=bos, processes=world.processes,
-                        corpus=corpus.describe(), tokens=tokens, complete=not stopped, corpus_spec=spec,
-                        max_tokens=max_tokens, skipped_rows=chunks.skipped)
+    decode = models[0].tokenizer.decode
+    quoted: dict[int, str] = {}
+
+    def context(where: int, width: int = 12) -> str:
+        s_, p_ = divmod(int(where), seq_len)
+        quoted[int(where)] = decode(tokens[s_, max(0, p_ - width):p_ + 1].tolist())
+        return quoted[int(where)]
+
+    result = build_result(totals, models, settings, seq_len=seq_len, bos=bos, processes=world.processes,
+                          corpus=corpus.describe(), complete=not stopped, context=context, corpus_spec=_spec(corpus),
+                          max_tokens=max_tokens, skipped_rows=chunks.skipped)
+    if not stopped:
+        del tokens  # the memory map, before its file goes
+        _finish(directory, totals, quoted, {"n": result.n_sequences, "processes": world.processes,
+                                            "skipped": chunks.skipped})
+    return result
+
+
+def _spec(corpus: Corpus) -> dict:
+    """What a study's JSON says of its corpus: where it came from and how it was sampled (not pasted text)."""
+    return {k: v for k, v in asdict(corpus).items() if k != "text"}
 
 
 def accelerate_world(device: str = "auto") -> tuple[World, str]:

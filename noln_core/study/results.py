@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -197,15 +197,13 @@ def _estimate(t: Totals, key: str, n: int, rate: bool = False) -> Estimate:
     return Estimate(mean, ci)
 
 
-def _context(decode, tokens: np.ndarray, seq_len: int, where: int, width: int = 12) -> str:
-    s, p = divmod(int(where), seq_len)
-    return decode(tokens[s, max(0, p - width):p + 1].tolist())
-
-
 def build_result(totals: Totals, models, settings: Settings, *, seq_len: int, bos: bool, processes: int,
-                 corpus: str, tokens: np.ndarray, complete: bool, top: int = 20, corpus_spec: dict | None = None,
-                 max_tokens: int | None = None, skipped_rows: int = 0) -> StudyResult:
-    """Turn the exact totals into the documented numbers (rank 0 only, after the totals are merged)."""
+                 corpus: str, complete: bool, context: Callable[[int], str], top: int = 20,
+                 corpus_spec: dict | None = None, max_tokens: int | None = None, skipped_rows: int = 0) -> StudyResult:
+    """Turn the exact totals into the documented numbers (rank 0 only, after the totals are merged).
+
+    ``context(where)`` is the text up to a location (``sequence * seq_len + position``), the token there last.
+    """
     decode = models[0].tokenizer.decode
     P = seq_len - 1
     out = []
@@ -273,7 +271,7 @@ def build_result(totals: Totals, models, settings: Settings, *, seq_len: int, bo
                     break
                 exploding.append(ExplodingToken(int(tok), decode([int(tok)]), int(counts[tok]),
                                                 float(loss_sum[tok] / counts[tok]), float(worst[tok]),
-                                                float(norm_max[tok]), _context(decode, tokens, seq_len, where[tok])))
+                                                float(norm_max[tok]), context(where[tok])))
         info = model.info
         out.append(ModelStudy(
             name=info.name, source=info.source, revision=info.revision, ln_free=info.ln_free, n_sequences=n,
@@ -302,8 +300,7 @@ def build_result(totals: Totals, models, settings: Settings, *, seq_len: int, bo
             if counts[tok] == 0 or abs_sum[tok] == 0:
                 break
             parting.append(PartingToken(int(tok), decode([int(tok)]), int(counts[tok]), float(signed[tok] / counts[tok]),
-                                        float(abs_sum[tok]), float(worst[tok]),
-                                        _context(decode, tokens, seq_len, where[tok])))
+                                        float(abs_sum[tok]), float(worst[tok]), context(where[tok])))
         pairs.append(PairStudy(
             models[i].info.name, models[j].info.name, _estimate(totals, k + "kl_ab", n),
             _estimate(totals, k + "kl_ba", n), _estimate(totals, k + "js", n), _estimate(totals, k + "agree", n, True),

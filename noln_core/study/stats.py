@@ -233,22 +233,45 @@ class Totals:
         return any(key in d for d in (self.sums, self.maxima, self.best, self.sparse, self.rows))
 
     def to_state(self) -> dict:
-        """Plain arrays for saving (see :meth:`from_state`)."""
-        return {"sums": self.sums, "bits": self.bits, "maxima": self.maxima,
-                "best": {k: {"value": v, "loc": loc} for k, (v, loc) in self.best.items()},
+        """Plain arrays for saving or sending (see :meth:`from_state`).
+
+        Mostly-empty arrays (the vocabulary-sized counts of exploding and parting tokens, the loss histogram's
+        320,000 bins) are stored as their non-empty entries only, so a state holds what it counted, not what it
+        could count: a study of one short sequence saves kilobytes, not megabytes.
+        """
+        return {"sums": {k: _pack(v, 0) for k, v in self.sums.items()}, "bits": self.bits,
+                "maxima": self.maxima,
+                "best": {k: {"value": _pack(v, -np.inf), "loc": _pack(loc, -1)} for k, (v, loc) in self.best.items()},
                 "sparse": {k: {"keys": keys, "counts": counts} for k, (keys, counts) in self.sparse.items()},
                 "rows": {k: {"index": index, "values": values} for k, (index, values) in self.rows.items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> "Totals":
-        return cls({k: np.asarray(v, np.int64) for k, v in state["sums"].items()}, dict(state["bits"]),
+        return cls({k: _unpack(v, np.int64, 0) for k, v in state["sums"].items()}, dict(state["bits"]),
                    {k: np.asarray(v, np.float64) for k, v in state["maxima"].items()},
-                   {k: (np.asarray(d["value"], np.float64), np.asarray(d["loc"], np.int64))
+                   {k: (_unpack(d["value"], np.float64, -np.inf), _unpack(d["loc"], np.int64, -1))
                     for k, d in state["best"].items()},
                    {k: (np.asarray(d["keys"], np.int64), np.asarray(d["counts"], np.int64))
                     for k, d in state.get("sparse", {}).items()},
                    {k: (np.asarray(d["index"], np.int64), np.asarray(d["values"]))
                     for k, d in state.get("rows", {}).items()})
+
+
+def _pack(array: np.ndarray, fill) -> np.ndarray | dict:
+    """``array``, or its entries other than ``fill`` when those are fewer than a quarter of it."""
+    flat = np.asarray(array).ravel()
+    where = np.flatnonzero(flat != fill)
+    if len(where) * 4 >= flat.size:
+        return array
+    return {"shape": list(np.shape(array)), "index": where.astype(np.int64), "values": flat[where]}
+
+
+def _unpack(packed, dtype, fill) -> np.ndarray:
+    if not isinstance(packed, dict):
+        return np.asarray(packed, dtype)
+    out = np.full(int(np.prod(packed["shape"])), fill, dtype=dtype)
+    out[np.asarray(packed["index"], np.int64)] = np.asarray(packed["values"], dtype)
+    return out.reshape(packed["shape"])
 
 
 # Student's t quantile, for intervals over few sequences (no SciPy needed).

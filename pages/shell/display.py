@@ -24,6 +24,23 @@ def md(text: str) -> str:
     return "".join("\\" + ch if ch in _MARKDOWN_ACTIVE else (" " if ch in "\r\n" else ch) for ch in joined)
 
 
+_PAGE_WORDS = (
+    ("raise --max-tokens to at least", "raise the budget to at least"), ("lower --seq-len", "lower the tokens per sequence"),
+    ("choose one with --field", "name it in the field box"), ("--seq-len", "tokens per sequence"),
+    ("--max-tokens", "budget"), ("--batch", "batch"), ("--field", "field"),
+)
+_SERVER_PATH = re.compile(r"'(/[^']*/)([^'/]*)'")
+
+
+def for_page(message: str, hosted: bool = False) -> str:
+    """A core error in the page's own words: its fields, not the command line's flags; hosted, no server paths."""
+    for cli, page in _PAGE_WORDS:
+        message = message.replace(cli, page)
+    if hosted:
+        message = _SERVER_PATH.sub(lambda m: repr(m.group(2) or "a server folder"), message)
+    return message
+
+
 PRESENTATION_FONT = 22
 """Figure font size in presentation mode (Plotly's default is 12)."""
 PRESENTATION_SCALE = 1.5

@@ -33,7 +33,9 @@ class Limits:
     study_max_tokens: int | None = None
     """The Study page's largest budget (None: no cap)."""
     study_max_upload_mb: int = 10
-    """The largest corpus file the Study page accepts."""
+    """The largest corpus file the Study page accepts (it is kept in memory, never written to disk)."""
+    study_cache_mb: int | None = None
+    """Disk the Study page's saved studies may take (None: no cap); the least recently used go first."""
 
 
 def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
@@ -71,6 +73,7 @@ def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
         load_wait_s=number("NOLN_LOAD_WAIT_S", "load_wait_s", 120 if hosted else None),
         study_max_tokens=number("NOLN_STUDY_MAX_TOKENS", "study_max_tokens", 32_768 if hosted else None),
         study_max_upload_mb=number("NOLN_STUDY_MAX_UPLOAD_MB", "study_max_upload_mb", 5 if hosted else 10),
+        study_cache_mb=number("NOLN_STUDY_CACHE_MB", "study_cache_mb", 500 if hosted else None),
     )
 
 

@@ -11,7 +11,6 @@ keeps two sessions from running the same one side by side.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -24,10 +23,10 @@ from noln_core import InputError, LoadedModel, NolnError
 from noln_core.registry import REGISTRY
 from noln_core.study import METRICS, NMAE_TARGETS, Corpus, Settings, parse_corpus, run_study, text_corpus
 from noln_core.corpus import DEMO_CORPUS
-from noln_core.study.engine import cache_root, default_seq_len, study_key
+from noln_core.study.engine import cache_root, default_seq_len, prune_cache, study_key
 from noln_core.tokenizer import decode_utf8
 from pages.shell import cache, limits
-from pages.shell.display import md
+from pages.shell.display import for_page, md
 from pages.shell.links import valid_model_spec
 from pages.shell.state import state
 
@@ -131,12 +130,6 @@ def _models_input() -> list[str]:
     return (chosen + extra)[:most]
 
 
-def _upload_dir() -> Path:
-    path = cache_root() / "uploads"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _corpus_input() -> Corpus | None:
     hosted = limits.LIMITS.hosted
     options = [k for k in SOURCES if not (hosted and k == "path")]
@@ -158,12 +151,11 @@ def _corpus_input() -> Corpus | None:
         data = file.getvalue()
         if len(data) > limits.LIMITS.study_max_upload_mb * 1_000_000:
             raise InputError(f"the file is larger than {limits.LIMITS.study_max_upload_mb} MB")
-        if file.name.endswith(".jsonl"):
-            path = _upload_dir() / f"{hashlib.sha256(data).hexdigest()[:20]}.jsonl"
-            if not path.exists():
-                path.write_bytes(data)
-            return Corpus("jsonl", str(path), field=field or "text")
-        return text_corpus(decode_utf8(data, f"the file {file.name!r}"))
+        name = Path(file.name).name[:100]
+        text = decode_utf8(data, f"the file {name!r}")
+        if name.endswith(".jsonl"):  # kept in memory: an upload never touches the server's disk
+            return Corpus("jsonl", name, field=field or "text", text=text)
+        return text_corpus(text)
     if source == "dataset":
         c1, c2, c3 = st.columns([3, 1, 1])
         if hosted:
@@ -186,7 +178,7 @@ def request_input() -> Request | None:
     try:
         corpus = _corpus_input()
     except InputError as err:
-        st.error(md(str(err)), icon=":material/error:")
+        st.error(md(for_page(str(err), limits.LIMITS.hosted)), icon=":material/error:")
         corpus = None
     cap = limits.LIMITS.study_max_tokens
     c1, c2, c3 = st.columns(3)
@@ -244,6 +236,18 @@ def _cancel() -> None:
     st.session_state[_CANCELLED] = st.session_state.get(_REQUEST)
 
 
+def _error(err: Exception) -> None:
+    st.error(md(for_page(str(err), limits.LIMITS.hosted)), icon=":material/error:")
+
+
+def _prune(shared: "_Finished") -> None:
+    """Keep the saved studies within the disk cap, the least recently used first, never one running now."""
+    cap = limits.LIMITS.study_cache_mb
+    if cap:
+        running = {Path(key).name for key, lock in list(shared.locks.items()) if lock.locked()}
+        prune_cache(cache_root(), cap * 1_000_000, keep=running)
+
+
 def run(request: Request):
     """The study for ``request``: from the shared results, else run (or resume) here with progress and Cancel.
 
@@ -261,19 +265,20 @@ def run(request: Request):
         key = study_key(models, request.corpus, seq_len, request.bos, request.max_tokens, request.batch,
                         request.settings)
     except (OSError, InputError) as err:
-        st.error(md(str(err)), icon=":material/error:")
+        _error(err)
         return None
     shared = finished()
     key = f"{cache_root()}/{key}"  # studies are shared where their saved state is
     result = shared.get(key)
-    if result is None and stopped:
-        try:
-            result = run_study(models, request.corpus, seq_len=seq_len, batch=request.batch,
-                               max_tokens=request.max_tokens, bos=request.bos, settings=request.settings,
-                               cancel=lambda: True)
-        except NolnError as err:
-            st.error(md(str(err)), icon=":material/error:")
-            return None
+    if result is None and stopped:  # after Cancel: what was saved, once the run that saved it has let go
+        with shared.lock(key):
+            try:
+                result = run_study(models, request.corpus, seq_len=seq_len, batch=request.batch,
+                                   max_tokens=request.max_tokens, bos=request.bos, settings=request.settings,
+                                   cancel=lambda: True)
+            except NolnError as err:
+                _error(err)
+                return None
     elif result is None:
         cancel = st.empty()
         cancel.button("Cancel", key="w_study_cancel", on_click=_cancel,
@@ -290,13 +295,14 @@ def run(request: Request):
             bar.progress(0.0, text="Another session is running this study; waiting for it…")
             lock.acquire()
         try:
+            _prune(shared)  # room for this study first
             result = shared.get(key) or run_study(models, request.corpus, seq_len=seq_len, batch=request.batch,
                                                   max_tokens=request.max_tokens, bos=request.bos,
                                                   settings=request.settings, progress=progress)
         except NolnError as err:
             bar.empty()
             cancel.empty()
-            st.error(md(str(err)), icon=":material/error:")
+            _error(err)
             return None
         finally:
             lock.release()
@@ -304,5 +310,6 @@ def run(request: Request):
         cancel.empty()
         if result.complete:
             shared.put(key, result)
+        _prune(shared)
     st.session_state[_RESULT] = (request, result)
     return result

@@ -125,3 +125,56 @@ def test_hosted_mode_caps_the_budget_and_hides_local_paths(ln_dir, noln_dir, mon
     finally:
         monkeypatch.delenv("NOLN_HOSTED")
         importlib.reload(limits)
+
+
+def test_one_visitor_running_many_studies_stays_under_the_disk_cap(monkeypatch, tmp_path):
+    """Hosted, studies are kept within NOLN_STUDY_CACHE_MB (least recently used first); uploads never touch the
+    disk; a finished study keeps its result alone.  The probe wrote 300 MB in 93 s and deleted nothing."""
+    import importlib
+
+    import pages.shell.limits as limits
+    from noln_core.study.engine import directory_bytes
+
+    root = tmp_path / "studies"
+    for name, value in (("NOLN_HOSTED", "1"), ("NOLN_STUDY_CACHE", str(root)), ("NOLN_STUDY_CACHE_MB", "1"),
+                        ("NOLN_DEFAULT_MODELS", "demo:gpt2-kjv,demo:gpt2-kjv-noLN")):
+        monkeypatch.setenv(name, value)
+    importlib.reload(limits)
+    try:
+        at = AppTest.from_file(APP, default_timeout=240)
+        at.run()
+        at.switch_page(PAGE).run()
+        at.number_input(key="w_study_seq").set_value(32)
+        at.number_input(key="w_study_budget").set_value(32 * 3)
+        at.radio(key="w_study_source").set_value("text").run()
+        sizes = []
+        for i in range(8):
+            at.text_area(key="w_study_text").set_value(f"Study number {i}. " + "And the evening and the morning "
+                                                       "were the first day. " * (10 + i)).run()
+            at.button(key="w_study_run").click().run()
+            assert_clean(at)
+            sizes.append(directory_bytes(root))
+            assert sizes[-1] <= 1_000_000, sizes
+            assert not [p for p in root.rglob("*") if p.is_file() and p.name != "result.pt"]
+        assert len(list(root.iterdir())) < 8  # the oldest went
+    finally:
+        for name in ("NOLN_HOSTED", "NOLN_STUDY_CACHE_MB", "NOLN_DEFAULT_MODELS"):
+            monkeypatch.delenv(name)
+        importlib.reload(limits)
+
+
+def test_an_uploaded_jsonl_never_touches_the_disk_and_its_errors_name_no_server_path(page, tmp_path):
+    from noln_core.corpus import Corpus
+    from noln_core.errors import InputError
+    from noln_core.study import run_study
+
+    corpus = Corpus("jsonl", "notes.jsonl", field="body", text='{"text": "a"}\n')
+    with pytest.raises(InputError) as err:
+        run_study([load_model(str(Path(page.query_params["model_a"])), device="cpu")], corpus, seq_len=8,
+                  state_dir=tmp_path / "s")
+    from pages.shell.display import for_page
+
+    shown = for_page(str(err.value), hosted=True)
+    assert "'notes.jsonl'" in shown and "--field" not in shown and "field box" in shown
+    assert for_page("no dataset 'x' could be read (FileNotFoundError: '/root/.cache/huggingface/x.arrow')",
+                    hosted=True) == "no dataset 'x' could be read (FileNotFoundError: 'x.arrow')"

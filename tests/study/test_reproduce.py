@@ -12,6 +12,8 @@ import pytest
 import papers
 from checkpoints import neutralise, random_gpt2, save
 from noln_core.cli import main
+from noln_core.corpus import parse_corpus, prepare_chunks
+from noln_core.tokenizer import gpt2_tokenizer
 from noln_core.study.published import FIGURES, OPENWEBTEXT, PILE, PILE_FILTERED, SIZES
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -142,9 +144,10 @@ def test_each_figure_runs_with_the_papers_settings_and_sequences(name, hub, caps
     if "nmae" in figure.metrics:
         assert doc["settings"]["nmae_target"] == "last-token" and doc["settings"]["value_bias"]["counted_in"] == "b_O"
     # The same sequences as the papers' own data loading, in the same order.
-    (state,) = [p for p in (tmp_path / "state").iterdir() if (p / "chunks.json").exists()]
-    chunks = np.fromfile(state / "chunks.u32", dtype=np.uint32).reshape(-1, figure.seq_len).tolist()
-    assert chunks == _reference_chunks(figure, hub) and len(chunks) >= 1
+    corpus = parse_corpus(figure.dataset, figure.column, figure.split, sampling=figure.sampling)
+    chunks = np.asarray(prepare_chunks(corpus, gpt2_tokenizer(), tmp_path / "chunks", figure.seq_len,
+                                       max_tokens=figure.max_tokens).tokens()).tolist()
+    assert chunks == _reference_chunks(figure, hub) and len(chunks) == doc["n_sequences"] >= 1
     # With the figure's settings, its published numbers stand beside the study's (and those of any figure measured
     # the same way: the CE of run_inference.py beside an NMAE run, say).
     md = (tmp_path / "out" / "study.md").read_text()

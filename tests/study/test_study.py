@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,11 +33,18 @@ def study(ln_model, noln_model, state):
                      settings=Settings(bootstrap=200), state_dir=state)
 
 
+def study_chunks(model, corpus, directory, seq_len=SEQ, max_tokens=TOKENS) -> torch.Tensor:
+    """The sequences a study of ``corpus`` reads (its chunks, made the same way; the study keeps only its result)."""
+    from noln_core.corpus import prepare_chunks
+
+    chunks = prepare_chunks(corpus, model.tokenizer, directory, seq_len, max_tokens=max_tokens)
+    return torch.from_numpy(np.asarray(chunks.tokens(), dtype=np.int64))
+
+
 @pytest.fixture(scope="module")
-def reference(ln_dir, noln_dir, study, state):
+def reference(ln_dir, noln_dir, ln_model, study, tmp_path_factory):
     """Everything recomputed from transformers' own forward passes on the study's chunks."""
-    key_dirs = [p for p in state.iterdir() if (p / "chunks.json").exists()]
-    tokens = torch.from_numpy(np.memmap(key_dirs[0] / "chunks.u32", dtype=np.uint32).astype(np.int64)).view(-1, SEQ)
+    tokens = study_chunks(ln_model, parse_corpus("demo"), tmp_path_factory.mktemp("chunks"))
     out = {"tokens": tokens}
     for name, directory in (("ln", ln_dir), ("noln", noln_dir)):
         hf = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="eager").eval()
@@ -229,8 +238,7 @@ def test_exploding_tokens_of_millions_of_nats_make_a_study(exploding_dir, tmp_pa
     kw = dict(seq_len=SEQ, batch=2, max_tokens=TOKENS, settings=Settings(bootstrap=50))
     whole = run_study([model], parse_corpus("demo"), state_dir=tmp_path / "a", **kw)
     (m,) = whole.models
-    tokens = torch.from_numpy(np.memmap(next((tmp_path / "a").iterdir()) / "chunks.u32", dtype=np.uint32)
-                              .astype(np.int64)).view(-1, SEQ)
+    tokens = study_chunks(model, parse_corpus("demo"), tmp_path / "chunks")
     with torch.no_grad():
         logits = ln_free_reference(hf_model(exploding_dir))(tokens).logits.double()
     loss = -logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0].numpy()
@@ -247,3 +255,66 @@ def test_exploding_tokens_of_millions_of_nats_make_a_study(exploding_dir, tmp_pa
     run_study([model], parse_corpus("demo"), state_dir=tmp_path / "b", cancel=lambda: next(asked) >= 2, **kw)
     resumed = run_study([model], parse_corpus("demo"), state_dir=tmp_path / "b", **kw)
     assert json.dumps(to_json(resumed)) == json.dumps(to_json(whole))
+
+
+# --- the disk: compact shards, finished studies as their result alone, writers that never collide ------------------
+
+def test_a_shard_holds_what_it_counted_and_a_finished_study_only_its_result(ln_model, noln_model, exploding_dir,
+                                                                           tmp_path):
+    """Vocabulary-sized counts and the 320,000-bin loss histogram are stored by their entries: a stopped study of one
+    8-token sequence and three models saves kilobytes (it saved 15.6 MB)."""
+    from noln_core import load_model
+
+    models = [ln_model, noln_model, load_model(str(exploding_dir), device="cpu")]
+    kw = dict(seq_len=8, batch=1, max_tokens=16, settings=Settings(bootstrap=50), state_dir=tmp_path)
+    asked = iter(range(10))
+    partial = run_study(models, text_corpus("In the beginning God created the heaven and the earth. " * 3),
+                        cancel=lambda: next(asked) >= 1, **kw)
+    assert not partial.complete and partial.n_sequences == 1
+    (shard,) = tmp_path.rglob("shard-*.pt")
+    assert shard.stat().st_size < 300_000
+    whole = run_study(models, text_corpus("In the beginning God created the heaven and the earth. " * 3), **kw)
+    assert whole.complete and [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["result.pt"]
+    assert next(tmp_path.rglob("result.pt")).stat().st_size < 300_000
+    again = run_study(models, text_corpus("In the beginning God created the heaven and the earth. " * 3), **kw)
+    assert json.dumps(to_json(again)) == json.dumps(to_json(whole))  # contexts and all, from the result alone
+
+
+def test_nothing_ran_nothing_saved_and_each_writer_has_its_own_temporary_file(ln_model, tmp_path, monkeypatch):
+    """Cancel's second look at a stopped study runs no batch: it must not write the shard (a running writer's
+    state would be overwritten with an older one), and it counts what was done."""
+    import noln_core.study.engine as engine
+
+    kw = dict(seq_len=SEQ, batch=2, max_tokens=TOKENS, settings=Settings(bootstrap=0), state_dir=tmp_path)
+    asked = iter(range(100))
+    first = run_study([ln_model], parse_corpus("demo"), cancel=lambda: next(asked) >= 2, **kw)
+    (shard,) = tmp_path.rglob("shard-*.pt")
+    before = shard.stat().st_mtime_ns
+    saves = []
+    real = engine._save
+    monkeypatch.setattr(engine, "_save", lambda path, state: saves.append(path) or real(path, state))
+    second = run_study([ln_model], parse_corpus("demo"), cancel=lambda: True, **kw)
+    assert first.n_sequences == second.n_sequences == 4 and not second.complete
+    assert saves == [] and shard.stat().st_mtime_ns == before
+    import threading
+
+    names = []
+    monkeypatch.setattr(engine.torch, "save", lambda state, path: names.append(Path(path).name) or
+                        Path(path).write_bytes(b"x"))
+    engine._save(tmp_path / "s.pt", {})
+    threading.Thread(target=engine._save, args=(tmp_path / "s.pt", {})).start()
+    time.sleep(0.2)
+    assert len(set(names)) == 2 and all(n.startswith("s.pt.") and n.endswith(".tmp") for n in names)
+
+
+def test_prune_cache_deletes_the_least_recently_used_studies_first(tmp_path):
+    import os
+
+    from noln_core.study.engine import directory_bytes, prune_cache
+
+    for i, name in enumerate(["old", "running", "mid", "new"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.pt").write_bytes(b"x" * 1000)
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    assert prune_cache(tmp_path, 2500, keep={"running"}) == ["old", "mid"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "running"] and directory_bytes(tmp_path) == 2000
