@@ -184,7 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--split", default="train", help="dataset split (default train)")
     rm.add_argument("--eval-data", default=None, metavar="PATH_OR_DATASET",
                     help="held-out text (default: the last 1%% of the training sequences, at most 1000, held out)")
-    rm.add_argument("--out", required=True, metavar="DIR", help="where the fine-tuned checkpoint is written")
+    rm.add_argument("--out", required=True, metavar="DIR",
+                    help="where the fine-tuned checkpoint is written: a new or empty directory, or one holding this "
+                         "run's state (it resumes); never the base model's")
+    rm.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty --out that is not a run of this tool, replacing the files it writes")
     rm.add_argument("--preset", choices=list(PRESET_NAMES), default=None,
                     help="the papers' recipe for this GPT-2 size: schedule, lambda, learning rate, batch and steps")
     rm.add_argument("--control", action="store_true",
@@ -266,7 +270,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--explode-loss", type=float, default=20.0, help="loss (nats) that marks an exploding token")
     st.add_argument("--explode-norm", type=float, default=5.0,
                     help="multiple of the sequence's median last-layer norm that marks an exploding token")
-    st.add_argument("--out", default=None, metavar="DIR", help="write study.json, study.csv and study.md here")
+    st.add_argument("--out", default=None, metavar="DIR",
+                    help="write study.json, study.csv and study.md into this new or empty directory")
+    st.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its study files")
     st.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     st.add_argument("--state-dir", default=None, help="where resumable state is kept (default ~/.cache/noln-explorer/studies)")
     st.add_argument("--restart", action="store_true", help="discard saved state and start over")
@@ -287,6 +293,7 @@ def _parser() -> argparse.ArgumentParser:
     nb.add_argument("--device", default="cpu")
     nb.add_argument("--dtype", default="float32", choices=list(DTYPES))
     nb.add_argument("--out", required=True, metavar="FILE.ipynb|FILE.py")
+    nb.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     demo = sub.add_parser("make-demo", help="rebuild the offline demo trio (GPT-2 on the King James Bible, its fine-tune "
                                             "with LN and its LN-free fine-tune)",
                           description="Seeded rebuild of noln_core/data/demo (needs Debian's bible-kjv for the text): "
@@ -368,6 +375,7 @@ def _run_remove_ln(args: argparse.Namespace) -> int:
     corpus = parse_corpus(args.data, args.field, args.split)
     eval_corpus = parse_corpus(args.eval_data, args.field, args.split) if args.eval_data else None
     result = finetune(base, corpus, Path(os.path.expanduser(args.out)), r, control=args.control, base_name=args.base,
+                      overwrite=args.overwrite,
                       eval_corpus=eval_corpus, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                       device=args.device, precision=args.precision, max_tokens=args.max_tokens, progress=True,
                       log=lambda m: print(m, file=sys.stderr))
@@ -433,6 +441,10 @@ def _run_study(args: argparse.Namespace) -> int:
             raise InputError(f"{flag} {value} must be at least {least}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise InputError(f"--max-tokens {args.max_tokens} must be positive")
+    out = Path(os.path.expanduser(args.out)) if args.out else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise InputError(f"--out {args.out!r} is not a new or empty directory (a study there is kept): choose "
+                         "another, or pass --overwrite to replace its study files")
     plan = _study_plan(args)
     corpus = plan["corpus"]
     world, device = accelerate_world(args.device)
@@ -463,7 +475,8 @@ def _run_study(args: argparse.Namespace) -> int:
         bar.close()
     if result is None:  # not rank 0
         return 0
-    doc = (write_outputs(result, Path(os.path.expanduser(args.out)), positions=args.positions) if args.out
+    # A stopped study writes no files: the same command resumes it, into the same --out.
+    doc = (write_outputs(result, out, positions=args.positions) if out is not None and result.complete
            else to_json(result, positions=args.positions))
     print(json.dumps(doc, ensure_ascii=False) if args.json else markdown(doc))
     if not result.complete:
@@ -479,6 +492,10 @@ def _run_notebook(args: argparse.Namespace) -> int:
     from .notebook import View, notebook_json, view_script
 
     out = Path(os.path.expanduser(args.out))
+    if out.is_dir():
+        raise InputError(f"--out {args.out!r} is a directory: give a file name ending in .ipynb or .py")
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out {args.out!r} exists: choose another name, or pass --overwrite to replace it")
     if out.suffix not in (".ipynb", ".py"):
         raise InputError(f"--out {args.out!r} must end in .ipynb (a notebook) or .py (a script)")
     if not args.text:

@@ -422,6 +422,16 @@ class Chunks:
                    meta["exhausted"], meta.get("skipped", 0))
 
 
+@contextlib.contextmanager
+def _removed_on_failure(path: Path):
+    """A partial file is removed when its writing fails (a bad row, Ctrl-C), so nothing half-made stays behind."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def prepare_chunks(corpus: Corpus, tokenizer, directory: Path, seq_len: int, *, bos: bool = False,
                    max_tokens: int | None = None, eot_id: int = 50256, d_vocab: int = 50257) -> Chunks:
     """Tokenise ``corpus`` into ``directory/chunks.u32`` (once: an existing complete file is reused).
@@ -460,7 +470,11 @@ def prepare_chunks(corpus: Corpus, tokenizer, directory: Path, seq_len: int, *, 
         content += len(doc)
         return list(doc)
 
-    with open(tmp, "wb") as out:
+    try:
+        out = open(tmp, "wb")
+    except OSError as err:
+        raise InputError(f"cannot write the study's chunks ({err.strerror})") from None
+    with out, _removed_on_failure(tmp):
         for group in _sampled(corpus):
             if sampling.method == "first-tokens":  # each row on its own, its first tokens only, no EOT
                 docs += 1

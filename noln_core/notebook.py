@@ -111,16 +111,21 @@ def view_notebook(view: View) -> dict:
 
 
 def view_script(view: View) -> str:
-    """The same view as a plain Python script (markdown cells become comments)."""
-    parts, figure = [], 0
+    """The same view as a plain Python script (markdown cells become comments).
+
+    A script writes its figures beside it instead of opening a browser: the ``.show()`` calls of the page's
+    analysis template (ours, never the user's text, which is a literal in the setup cell) become ``write_html``.
+    """
+    parts = []
     for kind, source in _cells(view):
         if kind == "markdown":
             parts.append("\n".join("# " + line if line else "#" for line in source.splitlines()))
-            continue
-        while ".show()" in source:  # a script writes its figures beside it instead of opening a browser
-            figure += 1
-            source = source.replace(".show()", f'.write_html("{view.page}-figure-{figure}.html")', 1)
-        parts.append(source)
+        elif source == _ANALYSIS[view.page]:
+            pieces = source.split(".show()")
+            parts.append(pieces[0] + "".join(f'.write_html("{view.page}-figure-{i}.html"){piece}'
+                                             for i, piece in enumerate(pieces[1:], 1)))
+        else:
+            parts.append(source)
     return "\n\n".join(parts) + "\n"
 
 

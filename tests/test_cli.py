@@ -176,3 +176,32 @@ def test_module_entry_point_prints_json(ln_dir):
         capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0 and json.loads(proc.stdout)["token_ids"] == [50256, 17250]
+
+
+# --- nothing the user had is overwritten -------------------------------------------------------------------------
+
+def command(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_notebook_out_refuses_a_directory_and_an_existing_file(capsys, tmp_path):
+    (tmp_path / "mine.ipynb").write_text("my own notebook")
+    for out, message in ((tmp_path, "is a directory"), (tmp_path / "mine.ipynb", "exists: choose another name")):
+        code, stdout, err = command(capsys, "notebook", "--model", "demo:gpt2-kjv", "--text", "Hello",
+                                    "--out", str(out))
+        assert code == 2 and message in err and err.count("\n") == 1 and stdout == ""
+    assert (tmp_path / "mine.ipynb").read_text() == "my own notebook"
+    code, _, _ = command(capsys, "notebook", "--model", "demo:gpt2-kjv", "--text", "Hello", "--out",
+                         str(tmp_path / "mine.ipynb"), "--overwrite")
+    assert code == 0 and "nbformat" in (tmp_path / "mine.ipynb").read_text()
+
+
+def test_study_out_keeps_an_existing_study(capsys, tmp_path, ln_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.json").write_text('{"mine": true}')
+    code, _, err = command(capsys, "study", "--model", str(ln_dir), "--data", "demo", "--seq-len", "16",
+                           "--max-tokens", "32", "--out", str(out), "--state-dir", str(tmp_path / "s"))
+    assert code == 2 and "not a new or empty directory" in err and (out / "study.json").read_text() == '{"mine": true}'

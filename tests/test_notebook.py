@@ -82,3 +82,24 @@ def test_notebook_cli_errors_are_one_line(capsys, tmp_path, args, message):
     code = main(["notebook", *[x for kv in base.items() for x in kv]])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_the_script_keeps_the_users_text_as_typed():
+    """Only the page's analysis template has its .show() calls rewritten; the text is a literal the script never
+    touches (the probe's text with .show() was changed, and with a quote the script did not parse)."""
+    import ast
+
+    from noln_core.notebook import View, view_notebook, view_script
+
+    text = 'It said "x.show()" and it\'s odd:\n  fig.show() \\ done.show()'
+    for page in ("overview", "attribution", "attention"):
+        view = View(models=("demo:gpt2-kjv", "demo:gpt2-kjv-noLN"), text=text, answer=" the", counterfactual=" a",
+                    page=page)
+        script = view_script(view)
+        tree = ast.parse(script)  # it parses
+        values = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                  if isinstance(t, ast.Name)}
+        assert ast.literal_eval(values["TEXT"]) == text
+        assert f"{page}-figure-1.html" in script and ".show()" not in script.replace(repr(text), "")
+        cells = "".join(c["source"] for c in view_notebook(view)["cells"])
+        assert repr(text) in cells

@@ -68,22 +68,42 @@ Where this differs from the released code in every run:
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from ..corpus import Corpus
+from ..errors import InputError
 from .model import TrainableGPT2
 from .recipe import Recipe
 from .trainer import FinetuneResult, run
 
 
+def check_out(base: Path, out: Path, overwrite: bool = False) -> None:
+    """Refuse an ``--out`` that would overwrite what the user had: the base model's own directory, always; an
+    existing non-empty directory, unless it holds a run of this tool (``_training``) or ``overwrite`` says so."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file, not a directory")
+    if out.resolve() == Path(base).resolve():
+        raise InputError("--out is the base model's own directory: choose another, the base stays as it is")
+    if out.is_dir() and any(out.iterdir()) and not (out / "_training" / "run.json").is_file() and not overwrite:
+        raise InputError(f"--out {str(out)!r} already holds files that are not a run of this tool: choose an empty "
+                         "or new directory, or pass --overwrite to replace what a run writes there")
+
+
 def finetune(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool = False, base_name: str | None = None,
-             **kwargs) -> FinetuneResult:
-    """Run :func:`.trainer.run`, then (rank 0) write the checkpoint, ``removal.json`` and the model card to ``out``."""
+             overwrite: bool = False, **kwargs) -> FinetuneResult:
+    """Run :func:`.trainer.run`, then (rank 0) write the checkpoint, ``removal.json`` and the model card to ``out``.
+
+    ``out`` is checked first (:func:`check_out`); the files are written beside it and moved in at the end, so an
+    interrupted export leaves no half-written model where the user looks for one.
+    """
     from accelerate import PartialState
 
+    check_out(Path(base), Path(out), overwrite)
     result = run(Path(base), corpus, Path(out), recipe, control=control, **kwargs)
     state, result.state_dict = result.state_dict, None
     if result.is_main:
@@ -101,7 +121,9 @@ def export(base: Path, state: dict, result: FinetuneResult, base_name: str, corp
         if left:
             raise RuntimeError(f"the run ended before every LayerNorm was removed ({', '.join(left)} still live)")
     out = result.out
-    model.save_pretrained(out, ln_free=not result.control, tokenizer_from=base)
+    staging = out / "_training" / "export"  # written here whole, then moved into out
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, ln_free=not result.control, tokenizer_from=base)
     choices = choices_of(result.recipe, result.control, result.distributed.get("precision", "fp32"))
     released = released_code(result.control)
     requested = result.distributed.get("precision_requested", "auto")
@@ -122,8 +144,11 @@ def export(base: Path, state: dict, result: FinetuneResult, base_name: str, corp
                                        and not (k == "precision" and requested == "auto")],
         "command": shlex.join(["python", "-m", "noln_core", *sys.argv[1:]]) if sys.argv[1:2] == ["remove-ln"] else None,
     }
-    (out / "removal.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "README.md").write_text(card(info))
+    (staging / "removal.json").write_text(json.dumps(info, indent=2) + "\n")
+    (staging / "README.md").write_text(card(info))
+    for path in staging.iterdir():
+        os.replace(path, out / path.name)
+    staging.rmdir()
     return out
 
 

@@ -272,14 +272,16 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
         raise InputError(f"--seq-len {recipe.seq_len} is longer than the model's context of {n_ctx}")
     schedule = None if control else recipe.schedule(n_layers)
     identity = {"base": str(base), "control": control, "corpus": corpus.identity(), "recipe": recipe.to_dict(),
-                "eval_corpus": eval_corpus.identity() if eval_corpus else None}
+                "eval_corpus": eval_corpus.identity() if eval_corpus else None, "max_tokens": max_tokens}
     identity = json.loads(json.dumps(identity, default=str))
     run_file = work / "run.json"
     if accelerator.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
         if run_file.exists() and json.loads(run_file.read_text()) != identity:
-            raise InputError(f"{out} holds a different run (other base, data or settings): choose another --out, "
-                             "or delete it to start over")
+            if (work / CHECKPOINT / "done").exists():
+                raise InputError(f"{out} holds a different run (other base, data or settings): choose another --out, "
+                                 "or delete it to start over")
+            shutil.rmtree(work)  # an attempt that saved no step (bad data, say): its state is ours to replace
+        work.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(identity, indent=2))
     accelerator.wait_for_everyone()
 

@@ -205,3 +205,55 @@ def test_help_names_presets_control_and_accelerate():
     assert proc.returncode == 0
     for word in ("--preset", "small,medium,large,xl", "--control", "accelerate launch", "--micro-batch", "--grad-accum"):
         assert word in proc.stdout.replace("\n", " ").replace("  ", " ") or word in proc.stdout
+
+
+# --- nothing the user had is overwritten -------------------------------------------------------------------------
+
+def test_remove_ln_never_writes_over_the_users_files(tmp_path, ln_dir, data, capsys):
+    """Into an existing model directory (the probe replaced model.safetensors, config.json, README.md and
+    removal.json, exit 0) and into the base itself: refused in one line, every file as it was."""
+    theirs = tmp_path / "their-model"
+    shutil.copytree(ln_dir, theirs)
+    (theirs / "README.md").write_text("their card")
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    for out, message in ((theirs, "not a run of this tool"), (ln_dir, "the base model's own directory")):
+        code = main(["remove-ln", "--base", str(ln_dir), "--data", str(data), "--out", str(out), *ARGS])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+    assert main(["remove-ln", "--base", str(theirs), "--data", str(data), "--out", str(theirs), *ARGS]) == 2
+    capsys.readouterr()
+
+
+def test_a_failed_run_does_not_block_its_corrected_rerun_and_a_new_budget_rebuilds_the_data(tmp_path, ln_dir, data,
+                                                                                          capsys, monkeypatch):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "out"
+    assert main(["remove-ln", "--base", str(ln_dir), "--data", str(empty), "--out", str(out), *ARGS]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert not list(out.rglob("*.partial"))  # nothing half-made left behind
+    seen = []
+    original = trainer.prepare_chunks
+    monkeypatch.setattr(trainer, "prepare_chunks", lambda *a, **k: seen.append(k.get("max_tokens")) or
+                        original(*a, **k))
+    few = [*ARGS[:ARGS.index("--steps")], "--steps", "2", *ARGS[ARGS.index("--steps") + 2:], "--control"]
+    assert main(["remove-ln", "--base", str(ln_dir), "--data", str(data), "--out", str(out), *few,
+                 "--max-tokens", "4000", "--checkpoint-every", "100"]) == 0
+    capsys.readouterr()
+    # Same out, another budget, a finished checkpoint there: a different run, refused (never silently reused).
+    code = main(["remove-ln", "--base", str(ln_dir), "--data", str(data), "--out", str(out), *few, "--max-tokens",
+                 "3000", "--checkpoint-every", "100"])
+    assert code == 2 and "holds a different run" in capsys.readouterr().err
+    assert seen == [4000]
+
+
+def test_the_model_files_appear_only_when_the_run_ends(tmp_path, ln_dir):
+    out = tmp_path / "out"
+    during = []
+    finetune(ln_dir, text_corpus(TEXT), out, recipe(steps=2, batch=4, seq_len=32, aux_lambda=0.0), control=True,
+             eval_every=0, checkpoint_every=100, device="cpu",
+             on_step=lambda step: during.append(sorted(p.name for p in out.iterdir())))
+    assert during == [["_training"], ["_training"]]
+    assert {"model.safetensors", "config.json", "README.md", "removal.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "_training" / "export").exists()
