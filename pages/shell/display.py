@@ -30,15 +30,32 @@ _PAGE_WORDS = (
     ("--max-tokens", "budget"), ("--batch", "batch"), ("--field", "field"),
 )
 _SERVER_PATH = re.compile(r"'(/[^']*/)([^'/]*)'")
+_HOSTED_ADVICE = (  # advice for someone at the server's own prompt, which a visitor is not
+    (re.compile(r"pre-download it where there is a network .*$"), "this server cannot fetch it now: try again later"),
+    (re.compile(r",? or point at a local directory holding config\.json and the weights"), ""),
+    (re.compile(r"\(?`(huggingface-cli|hf|pip|python|accelerate) [^`]*`\)?"), ""),
+    (re.compile(r"\(~/\.cache/[^)]*\)|~/\.cache/\S*"), ""),
+)
 
 
 def for_page(message: str, hosted: bool = False) -> str:
-    """A core error in the page's own words: its fields, not the command line's flags; hosted, no server paths."""
+    """A core error in the page's own words: its fields, not the command line's flags; hosted, no server path and
+    no advice meant for the server's own prompt."""
     for cli, page in _PAGE_WORDS:
         message = message.replace(cli, page)
     if hosted:
         message = _SERVER_PATH.sub(lambda m: repr(m.group(2) or "a server folder"), message)
+        for pattern, replacement in _HOSTED_ADVICE:
+            message = pattern.sub(replacement, message)
+        message = re.sub(r"\s{2,}", " ", message).strip()
     return message
+
+
+def error(message: str, icon: str = ":material/error:", prefix: str = "") -> None:
+    """An error box for a core message: in the page's words (:func:`for_page`), user text inert."""
+    from pages.shell import limits
+
+    st.error(prefix + md(for_page(str(message), limits.LIMITS.hosted)), icon=icon)
 
 
 PRESENTATION_FONT = 22

@@ -16,7 +16,7 @@ import torch
 
 from noln_core import LoadedModel, NolnError, RunResult
 from pages.shell import cache, sidebar
-from pages.shell.display import md
+from pages.shell.display import error, md
 from pages.shell.state import state, unshown_link_notes
 
 _RUN = "_run"
@@ -32,13 +32,13 @@ def _load_models() -> tuple[LoadedModel, ...] | None:
     try:
         cache.check_together(specs, s.device, s.dtype)
     except NolnError as err:
-        st.error(md(str(err)), icon=":material/error:")
+        error(str(err))
         return None
     for spec in specs:
         try:
             models.append(cache.load(spec, s.device, s.dtype))
         except NolnError as err:
-            st.error(f"Could not load **{md(spec)}**: {md(str(err))}", icon=":material/error:")
+            error(str(err), prefix=f"Could not load **{md(spec)}**: ")
             return None
         except (torch.OutOfMemoryError, MemoryError):
             st.error(f"Out of memory loading {md(spec)}: pick a smaller model, bfloat16, or the CPU.",
@@ -46,8 +46,7 @@ def _load_models() -> tuple[LoadedModel, ...] | None:
             return None
         except Exception as err:  # a disk or network failure we did not foresee: say so, keep the session usable
             first = str(err).splitlines()[0] if str(err) else ""
-            st.error(f"Could not load **{md(spec)}**: unexpected {type(err).__name__}: {md(first)}",
-                     icon=":material/error:")
+            error(f"unexpected {type(err).__name__}: {first}", prefix=f"Could not load **{md(spec)}**: ")
             return None
     return tuple(models)
 
@@ -67,7 +66,7 @@ def prepare() -> RunResult | None:
     try:
         key, result = cache.run(models, s.text, s.answer, s.counterfactual, s.position, s.bos)
     except NolnError as err:
-        st.error(md(str(err)), icon=":material/warning:")
+        error(str(err), icon=":material/warning:")
         return None
     except (torch.OutOfMemoryError, MemoryError):
         st.error("Out of memory running the models: use shorter text, fewer models, bfloat16 or the CPU.",

@@ -14,7 +14,7 @@ import torch
 from noln_core import InputError, LoadedModel, RunResult
 from noln_core.registry import DEMO_PREFIX, REGISTRY, lookup, parse_spec
 from noln_core.tokenizer import decode_utf8, token_pieces, tokenize
-from pages.shell.display import md
+from pages.shell.display import error, md
 from pages.shell import limits
 from pages.shell.links import DEVICES, DTYPES, PRESETS, valid_model_spec
 from pages.shell.state import set_state, state
@@ -130,7 +130,7 @@ def _text_upload() -> None:
 
     st.file_uploader("…or a text file (UTF-8)", type=["txt", "md"], key="w_upload", on_change=uploaded)
     if "_upload_error" in st.session_state:
-        st.error(md(st.session_state["_upload_error"]), icon=":material/error:")
+        error(st.session_state["_upload_error"])
 
 
 def position_picker(models: tuple[LoadedModel, ...]) -> None:

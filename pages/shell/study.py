@@ -26,7 +26,7 @@ from noln_core.corpus import DEMO_CORPUS
 from noln_core.study.engine import cache_root, default_seq_len, prune_cache, study_key
 from noln_core.tokenizer import decode_utf8
 from pages.shell import cache, limits
-from pages.shell.display import for_page, md
+from pages.shell.display import error, md
 from pages.shell.links import valid_model_spec
 from pages.shell.state import state
 
@@ -178,7 +178,7 @@ def request_input() -> Request | None:
     try:
         corpus = _corpus_input()
     except InputError as err:
-        st.error(md(for_page(str(err), limits.LIMITS.hosted)), icon=":material/error:")
+        error(str(err))
         corpus = None
     cap = limits.LIMITS.study_max_tokens
     c1, c2, c3 = st.columns(3)
@@ -215,13 +215,13 @@ def _load(specs: tuple[str, ...]) -> list[LoadedModel] | None:
     try:
         cache.check_together(list(specs), s.device, s.dtype)
     except NolnError as err:
-        st.error(md(str(err)), icon=":material/error:")
+        error(str(err))
         return None
     for spec in specs:
         try:
             models.append(cache.load(spec, s.device, s.dtype))
         except NolnError as err:
-            st.error(f"Could not load **{md(spec)}**: {md(str(err))}", icon=":material/error:")
+            error(str(err), prefix=f"Could not load **{md(spec)}**: ")
             return None
     return models
 
@@ -234,10 +234,6 @@ def _eta(seconds: float | None) -> str:
 
 def _cancel() -> None:
     st.session_state[_CANCELLED] = st.session_state.get(_REQUEST)
-
-
-def _error(err: Exception) -> None:
-    st.error(md(for_page(str(err), limits.LIMITS.hosted)), icon=":material/error:")
 
 
 def _prune(shared: "_Finished") -> None:
@@ -265,7 +261,7 @@ def run(request: Request):
         key = study_key(models, request.corpus, seq_len, request.bos, request.max_tokens, request.batch,
                         request.settings)
     except (OSError, InputError) as err:
-        _error(err)
+        error(str(err))
         return None
     shared = finished()
     key = f"{cache_root()}/{key}"  # studies are shared where their saved state is
@@ -277,7 +273,7 @@ def run(request: Request):
                                    max_tokens=request.max_tokens, bos=request.bos, settings=request.settings,
                                    cancel=lambda: True)
             except NolnError as err:
-                _error(err)
+                error(str(err))
                 return None
     elif result is None:
         cancel = st.empty()
@@ -302,7 +298,7 @@ def run(request: Request):
         except NolnError as err:
             bar.empty()
             cancel.empty()
-            _error(err)
+            error(str(err))
             return None
         finally:
             lock.release()

@@ -253,3 +253,21 @@ def test_many_sessions_on_different_pairs_and_dtypes_stay_within_the_model_budge
             monkeypatch.delenv(name)
         importlib.reload(limits)
         cache.model_store.clear()
+
+
+def test_hosted_messages_name_no_server_path_and_give_no_command_line_advice(hosted):
+    """The page speaks to a visitor, not to whoever runs the server (SECURITY.md)."""
+    from pages.shell.display import for_page
+
+    offline = ("cannot reach the Hugging Face hub and openai-community/gpt2 is not cached: pre-download it where there "
+               "is a network (`huggingface-cli download openai-community/gpt2`) and copy the cache "
+               "(~/.cache/huggingface), or point at a local directory holding config.json and the weights")
+    shown = for_page(offline, hosted=True)
+    assert shown == ("cannot reach the Hugging Face hub and openai-community/gpt2 is not cached: this server cannot "
+                     "fetch it now: try again later")
+    corpus = "line 3 of '/srv/app/uploads/9f2c.jsonl' has no field 'text' (it has: body); choose one with --field"
+    assert for_page(corpus, hosted=True) == "line 3 of '9f2c.jsonl' has no field 'text' (it has: body); name it in " \
+                                            "the field box"
+    budget = "the budget of 10 tokens is smaller than one sequence of 32: raise --max-tokens to at least 32"
+    assert "--" not in for_page(budget) and "raise the budget to at least 32" in for_page(budget)
+    assert "/srv" in for_page(corpus)  # locally, where it helps, the path stays
