@@ -289,6 +289,12 @@ def document(cpu_table: str) -> str:
     if hosted.exists():
         parts += ["\n## App server memory\n\nWritten by `python -m bench.hosted_memory --out bench/hosted_memory.md`.\n\n",
                   hosted.read_text()]
+    mixed = ROOT / "bench" / "hosted_mixed.md"
+    if mixed.exists():
+        parts += ["\n## A hosted server under mixed requests\n\nWritten by `python -m bench.hosted_mixed --out "
+                  "bench/hosted_mixed.md`. The budgets are set small so that each binds within a few hundred requests; "
+                  "\"models alive\" counts a model held by a session or a cached run whether or not the store still "
+                  "lists it.\n\n", mixed.read_text()]
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         parts += ["\n", notes.read_text()]

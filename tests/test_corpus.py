@@ -305,3 +305,15 @@ def test_bad_samplings_get_one_line():
                             ({"method": "first-tokens", "chunk": 8}, "--chunk applies")):
         with pytest.raises(InputError, match=message):
             Sampling(**kwargs)
+
+
+def test_deeply_nested_json_and_a_failed_chunking_leave_one_line_and_no_partial_file(tok, tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "fine"}\n' + '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(InputError, match="line 2 of .* is nested too deeply"):
+        prepare_chunks(parse_corpus(str(deep)), tok, tmp_path / "a", 2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"text": "word " * 50}) + "\n" for _ in range(20)) + "not json\n")
+    with pytest.raises(InputError, match="line 21 .* is not JSON"):
+        prepare_chunks(parse_corpus(str(bad)), tok, tmp_path / "b", 4)
+    assert not list(tmp_path.rglob("*.partial"))

@@ -91,9 +91,13 @@ def fresh_servers(count: int, ln_dir, noln_dir, **env_changes):
             _stop(proc)
 
 
+SECRET = "hf_probe_secret_value_4f8e1c"
+"""The server's HF_TOKEN in these tests: no page may ever show it."""
+
+
 @pytest.fixture(scope="module")
 def server(ln_dir, noln_dir):
-    with streamlit_server(ln_dir, noln_dir) as url:
+    with streamlit_server(ln_dir, noln_dir, HF_TOKEN=SECRET) as url:
         yield url
 
 
@@ -293,6 +297,14 @@ def test_a_teacher_loads_an_edited_tour_and_a_broken_one_gets_an_error_box(serve
     upload.set_input_files(str(broken))
     page.get_by_text("unknown figure 'heatmap'").wait_for(timeout=30_000)
     assert page.locator("[data-testid='stException']").count() == 0
+    # The probe that showed the server's HF_TOKEN through a weak text's placeholder, and one that allocated a gigabyte.
+    probe = tmp_path / "probe.toml"
+    probe.write_text(edited.read_text().replace(
+        "The Study page measures it on a corpus.",
+        "{zz.__format__.__globals__[Path].exists.__globals__[os].environ[HF_TOKEN]} {nmae_a:>100000000}"))
+    upload.set_input_files(str(probe))
+    page.get_by_text("malformed placeholder").wait_for(timeout=30_000)
+    assert SECRET not in page.content() and page.locator("[data-testid='stException']").count() == 0
     upload.set_input_files(str(edited))
     page.get_by_role("heading", name="What removing LayerNorm changes, for my class").wait_for(timeout=60_000)
     page.get_by_role("button", name="Start the tour at step 1").or_(
