@@ -210,6 +210,7 @@ def test_many_sessions_on_different_pairs_and_dtypes_stay_within_the_model_budge
     """The probe that kept 11 models alive (3.1x a 30 MB budget) through six sessions: sessions now keep specs,
     not models, and the store counts every model still alive.  Checked by a census of the live models."""
     import gc
+    import weakref
 
     import pages.shell.cache as cache
     import pages.shell.limits as limits
@@ -223,13 +224,18 @@ def test_many_sessions_on_different_pairs_and_dtypes_stay_within_the_model_budge
     importlib.reload(limits)
     cache.model_store.clear()
 
-    def live_model_bytes() -> int:
+    def live_models() -> list:
         import warnings
 
         gc.collect()
         with warnings.catch_warnings():  # isinstance() on every object wakes torch's deprecated aliases
             warnings.simplefilter("ignore")
-            return sum(o.nbytes for o in gc.get_objects() if isinstance(o, LoadedModel))
+            return [o for o in gc.get_objects() if isinstance(o, LoadedModel)]
+
+    before = weakref.WeakSet(live_models())  # other tests' models (module fixtures) are not this server's
+
+    def live_model_bytes() -> int:
+        return sum(o.nbytes for o in live_models() if o not in before)
 
     sessions = []
     try:
