@@ -25,12 +25,13 @@ from .errors import (
 )
 from .loading import load_model
 from .model import LoadedModel, ModelInfo
-from .interop import to_transformers
+from .interop import to_transformer_lens, to_transformers
 from .registry import DEFAULT_PAIR, DEMO_PAIR, REGISTRY, KnownModel, default_pair, list_revisions, parse_spec
 from .tokenizer import tokenize
 
 
 __all__ = [
+    "to_transformer_lens",
     "to_transformers",
     "ANALYSES", "AttentionSummary", "CorruptCheckpointError", "DEFAULT_PAIR", "DEMO_PAIR",
     "DirectLogitAttribution", "HeadDirectEffect", "InputError", "KnownModel", "LoadedModel", "LogitDiffAnalysis",

@@ -41,7 +41,7 @@ TOKENIZER_PATTERNS = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_c
 BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _PREDOWNLOAD = (
-    "pre-download it where there is a network (`huggingface-cli download {repo}{rev}`) and copy the cache "
+    "pre-download it where there is a network (`hf download {repo}{rev}`) and copy the cache "
     "(~/.cache/huggingface), or point at a local directory holding config.json and the weights"
 )
 
@@ -118,7 +118,7 @@ def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
             "reconnect and load again to finish it, or point at a local directory holding config.json and the weights"
         ) from err
     except GatedRepoError as err:
-        raise UnknownModelError(f"{repo} is gated: accept its terms on the hub and log in (`huggingface-cli login`)") from err
+        raise UnknownModelError(f"{repo} is gated: accept its terms on the hub and log in (`hf auth login`)") from err
     except RevisionNotFoundError as err:
         raise UnknownModelError(
             f"{repo} has no revision {revision!r}: check its branches and tags on the hub (noln_core.list_revisions)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def test_nnsight_wraps_it_and_reads_the_residual_stream(noln_dir, tmp_path):
 
 
 def test_transformer_bridge_snippet_of_the_readme(noln_dir, noln_model):
-    """README, "TransformerLens 4": the plain bridge on the published checkpoint is as close as it gets (the eps-1e12
+    """The plain bridge on the published checkpoint itself is as close as to_transformer_lens gets (the eps-1e12
     trick's deviation); compatibility mode (weight processing) moves further away."""
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
     from transformer_lens.model_bridge import TransformerBridge
@@ -91,3 +92,51 @@ def test_transformer_bridge_snippet_of_the_readme(noln_dir, noln_model):
     bridge.enable_compatibility_mode()
     compat = ((bridge(ids) - exact).abs().max() / exact.abs().max()).item()
     assert compat > 10 * plain
+
+
+@pytest.mark.parametrize("which", ["ln_model", "noln_model"])
+def test_to_transformer_lens_hands_over_a_bridge_within_its_stated_error(which, request):
+    """The TransformerLens 4 hand-off: a model with LN goes in exactly; an LN-free one through the eps-1e12 trick,
+    whose error (var / 2e12 per norm) is measured on each hand-off and small while the stream's variance is."""
+    from noln_core import to_transformer_lens
+
+    model = request.getfixturevalue(which)
+    bridge = to_transformer_lens(model)
+    assert bridge.cfg.eps == (1e12 if model.ln_free else model.info.eps)
+    ids = torch.tensor([tokenize(model, PROMPTS[1])])
+    logits, cache = bridge.run_with_cache(ids)
+    exact, ours = model.run_with_cache(ids)
+    gap = ((logits - exact).abs().max() / exact.abs().max()).item()
+    assert gap < 1e-5 and bridge.noln_deviation < 1e-5
+    for name in ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.attn.hook_pattern"):
+        assert torch.allclose(cache[name], ours[name], atol=1e-4), name
+    if model.ln_free:  # the trick's error grows with the stream's variance, as the docstring says
+        big = torch.randn(1, 4, model.info.d_model, dtype=torch.float64) * 3e3
+        norm = torch.nn.LayerNorm(model.info.d_model, eps=1e12, dtype=torch.float64)
+        torch.nn.init.constant_(norm.weight, 1e6)
+        centred = big - big.mean(-1, keepdim=True)
+        rel = ((norm(big) - centred).abs().max() / centred.abs().max()).item()
+        var = centred.pow(2).mean(-1).max().item()
+        assert rel == pytest.approx(var / 2e12, rel=0.05)
+
+
+def test_to_transformer_lens_refuses_float16_for_an_ln_free_model(noln_dir):
+    from noln_core import load_model, to_transformer_lens
+    from noln_core.errors import InputError
+
+    with pytest.raises(InputError, match="beyond float16's range"):
+        to_transformer_lens(load_model(str(noln_dir), device="cpu", dtype="float16"))
+    bridge = to_transformer_lens(load_model(str(noln_dir), device="cpu", dtype="bfloat16"))
+    assert bridge.noln_deviation < 0.05  # bfloat16's own rounding, not the trick
+
+
+def test_the_readmes_transformer_lens_snippet_runs_offline_from_any_directory(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "to_transformer_lens" in block]
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5

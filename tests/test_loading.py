@@ -50,7 +50,7 @@ def test_spec_with_revision_and_registry_default_revision(offline_cache):
 
 
 def test_uncached_revision_offline_says_how_to_predownload(offline_cache):
-    with pytest.raises(OfflineError, match=r"not cached: pre-download .*huggingface-cli download apollo-research/gpt2_noLN --revision v2"):
+    with pytest.raises(OfflineError, match=r"not cached: pre-download .*hf download apollo-research/gpt2_noLN --revision v2"):
         load_model("apollo-research/gpt2_noLN@v2", device="cpu")
 
 

@@ -266,7 +266,7 @@ def test_hosted_messages_name_no_server_path_and_give_no_command_line_advice(hos
     from pages.shell.display import for_page
 
     offline = ("cannot reach the Hugging Face hub and openai-community/gpt2 is not cached: pre-download it where there "
-               "is a network (`huggingface-cli download openai-community/gpt2`) and copy the cache "
+               "is a network (`hf download openai-community/gpt2`) and copy the cache "
                "(~/.cache/huggingface), or point at a local directory holding config.json and the weights")
     shown = for_page(offline, hosted=True)
     assert shown == ("cannot reach the Hugging Face hub and openai-community/gpt2 is not cached: this server cannot "
