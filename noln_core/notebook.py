@@ -11,7 +11,9 @@ beyond loading the models: on the demo models it runs offline.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 VIEWS = ("overview", "logit-difference", "residual-norms", "attribution", "attention")
 """The pages a notebook reproduces (the Study and About pages have their own exports)."""
@@ -31,9 +33,42 @@ class View:
     page: str = "overview"
     device: str = "cpu"
     dtype: str = "float32"
+    install: str = ""
+    """What the first cell pip-installs when the kernel lacks ``noln_core`` (default: :func:`install_source`)."""
     options: dict = field(default_factory=dict)
     """Page controls: ``layer`` (attribution source heatmap, attention), ``head`` (attention), ``value_bias``
     (attribution: ``head`` or ``b_O``)."""
+
+
+PACKAGE = "noln-explorer"
+
+
+def install_source(hosted: bool = False) -> str:
+    """Where a downloaded notebook installs ``noln_core`` from, outside any checkout.
+
+    ``NOLN_INSTALL_SOURCE`` if the operator set it; on a Hugging Face Space (``SPACE_ID``), the Space's own git
+    repository; locally, this checkout (the user's own disk); else the package name.  A hosted server never
+    names one of its paths.
+    """
+    if os.environ.get("NOLN_INSTALL_SOURCE"):
+        return os.environ["NOLN_INSTALL_SOURCE"]
+    if os.environ.get("SPACE_ID"):
+        return f"{PACKAGE} @ git+https://huggingface.co/spaces/{os.environ['SPACE_ID']}"
+    root = Path(__file__).resolve().parent.parent
+    if not hosted and (root / "pyproject.toml").is_file():
+        return str(root)
+    return PACKAGE
+
+
+def _install_cell(source: str) -> str:
+    return "\n".join([
+        "# noln_core is the noLN Explorer package: installed here if this kernel lacks it.",
+        f"SOURCE = {source!r}",
+        "import importlib.util, subprocess, sys",
+        'if importlib.util.find_spec("noln_core") is None:',
+        '    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", SOURCE])',
+        "    importlib.invalidate_caches()",
+    ])
 
 
 _ANALYSIS = {
@@ -81,8 +116,9 @@ def _cells(view: View) -> list[tuple[str, str]]:
     ])
     return [
         ("markdown", f"# noLN Explorer: {title}\n\nThis notebook reproduces the app's *{title}* view with `noln_core` "
-                     "(pip install -r requirements.txt in a checkout of noLN Explorer). The models run exactly as in "
+                     "(the first cell installs it if needed, from any directory). The models run exactly as in "
                      "the app: LN-free checkpoints without any normalisation, so attribution is exact."),
+        ("code", _install_cell(view.install or install_source())),
         ("code", setup),
         ("code", "import json\n\nfrom noln_core import compare, load_model\n"
                  "from noln_core.analyses import (attention, direct_logit_attribution, head_direct_effects, "

@@ -26,8 +26,10 @@ def cli_json(capsys, models) -> dict:
 
 
 def run_notebook(path: Path) -> dict:
+    """Run a downloaded notebook where it lies (outside the checkout, as a user would), in a real kernel."""
+    assert ROOT not in path.resolve().parents and "PYTHONPATH" not in os.environ
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     return json.loads(nb.cells[-1].outputs[0]["text"].strip().splitlines()[-1])
 
 
@@ -103,3 +105,25 @@ def test_the_script_keeps_the_users_text_as_typed():
         assert f"{page}-figure-1.html" in script and ".show()" not in script.replace(repr(text), "")
         cells = "".join(c["source"] for c in view_notebook(view)["cells"])
         assert repr(text) in cells
+
+
+def test_the_install_cell_installs_only_when_needed_and_names_no_server_path(monkeypatch, tmp_path):
+    """The first code cell: pip-installs noln_core from install_source() when the kernel lacks it."""
+    import importlib.util
+
+    from noln_core.notebook import PACKAGE, View, install_source, view_notebook
+
+    for name in ("NOLN_INSTALL_SOURCE", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert install_source() == str(ROOT)  # locally: this checkout, on the user's own disk
+    assert install_source(hosted=True) == PACKAGE  # a hosted server never names one of its paths
+    monkeypatch.setenv("SPACE_ID", "someone/noln-explorer")
+    assert install_source(hosted=True) == f"{PACKAGE} @ git+https://huggingface.co/spaces/someone/noln-explorer"
+    cell = view_notebook(View(models=("demo:gpt2-kjv",), text="x", install="/src/noln"))["cells"][1]["source"]
+    calls = []
+    monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(cmd))
+    exec(cell, {})  # noln_core is importable here: nothing to do
+    assert calls == []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    exec(cell, {})
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "/src/noln"]]

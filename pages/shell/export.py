@@ -11,9 +11,10 @@ import torch
 
 import noln_core
 from noln_core import RunResult
-from noln_core.notebook import VIEWS, View, notebook_json, view_script
+from noln_core.notebook import VIEWS, View, install_source, notebook_json, view_script
+from pages.shell import limits
 from pages.shell.links import AppState, share_link
-from pages.shell.state import state
+from pages.shell.state import source_layer, state
 from pages.shell.tour import current_figure
 
 
@@ -71,8 +72,8 @@ def current_view(result: RunResult, s: AppState, tour_figure: str | None = None)
         page = "overview"
     return View(models=tuple(m for m in (s.model_a, s.model_b, s.model_c) if m), text=s.text,
                 answer=s.answer or None, counterfactual=s.counterfactual or None, position=result.position,
-                bos=s.bos, page=page, device="cpu", dtype=s.dtype,
-                options={"layer": s.attr_layer or 0, "value_bias": s.attr_vbias})
+                bos=s.bos, page=page, device="cpu", dtype=s.dtype, install=install_source(limits.LIMITS.hosted),
+                options={"layer": source_layer(s.attr_layer, result.runs[0].info.n_layers), "value_bias": s.attr_vbias})
 
 
 def open_in_python(result: RunResult) -> None:

@@ -84,6 +84,13 @@ def sync_url() -> None:
         st.query_params.from_dict(wanted)
 
 
+def source_layer(value: int | None, n_layers: int) -> int:
+    """The Attribution page's source-token layer: a stored value clamped into the model, the last layer if none.
+
+    The page's slider and the exports both read it, so the first download shows the layer on screen."""
+    return n_layers - 1 if value is None else min(max(int(value), 0), n_layers - 1)
+
+
 def bound(field: str, draw: Callable[..., Any], *args: Any, clamp: Callable[[Any], Any] | None = None,
           **kwargs: Any) -> Any:
     """Draw a widget whose value is the state's ``field``; a change writes back before the rerun.

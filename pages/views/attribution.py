@@ -7,7 +7,7 @@ from noln_core.analyses.attribution import VALUE_BIAS
 from noln_core.viz import figures, tables
 from pages.shell.display import figure, md
 from pages.shell.runs import analysis, current_run
-from pages.shell.state import bound
+from pages.shell.state import bound, source_layer
 
 st.header("Attribution: who wrote the logit difference?")
 result = current_run()
@@ -43,7 +43,7 @@ if result is not None:
         figure(figures.head_heatmaps(dlas), "dla_heads", heads)
         n_layers = dlas[0].heads.shape[0]
         layer = bound("attr_layer", st.slider, "Layer for the source-token view", 0, n_layers - 1,
-                      clamp=lambda v: n_layers - 1 if v is None else min(max(v, 0), n_layers - 1))
+                      clamp=lambda v: source_layer(v, n_layers))
         figure(figures.head_source_heatmaps(dlas, layer, result.tokens), "dla_head_source",
                tables.head_source_frame(dlas, layer, result.tokens))
         st.markdown(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -41,6 +42,7 @@ def test_a_tour_steps_notebook_is_its_figures_analysis_page(ln_dir, noln_dir):
 
     class Result:
         position = -1
+        runs = [SimpleNamespace(info=SimpleNamespace(n_layers=3))]
 
     assert current_view(Result(), s, "dla-vs-direct-effect").page == "attribution"
     assert current_view(Result(), s, "first-token-norm").page == "residual-norms"
@@ -82,3 +84,21 @@ def test_presentation_mode_enlarges_figures_and_travels_in_links(ln_dir, noln_di
     assert all(json.loads(c.proto.spec)["layout"].get("font", {}).get("size") != PRESENTATION_FONT for c in charts)
     assert to_query(parse_query({"present": "1"}))["present"] == "1"
     assert "ignored present" in parse_query({"present": "maybe"}).notes[0]
+
+
+def test_the_first_notebook_download_holds_the_layer_on_screen(ln_dir, noln_dir, monkeypatch):
+    """The export is drawn (sidebar) before the page's slider; the first download must still hold its value."""
+    import pages.shell.export as export
+
+    seen = []
+    original = export.notebook_json
+    monkeypatch.setattr(export, "notebook_json", lambda view: seen.append(view) or original(view))
+    at = make_app(ln_dir, noln_dir, page="attribution", answer=" the", counterfactual=" a")
+    at.run()
+    assert_clean(at)
+    shown = at.slider(key="w_attr_layer").value
+    assert shown == at.slider(key="w_attr_layer").max > 0  # the last layer, not 0
+    assert seen[0].page == "attribution" and seen[0].options["layer"] == shown
+    assert f"LAYER = {shown}" in original(seen[0])
+    at.slider(key="w_attr_layer").set_value(0).run()
+    assert seen[-1].options["layer"] == 0
