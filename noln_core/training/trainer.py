@@ -28,6 +28,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -103,7 +104,27 @@ def _accelerator(device: str, precision: str):
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, mixed) and not torch.distributed.is_initialized():
         AcceleratorState._reset_state(reset_partial_state=True)  # one process, a second run with another precision
-    return Accelerator(cpu=accelerate_on_cpu(device), mixed_precision=mixed)
+    try:
+        return Accelerator(cpu=accelerate_on_cpu(device), mixed_precision=mixed)
+    except RuntimeError as err:
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and "no available devices" in str(err):
+            raise InputError("FSDP (--use_fsdp) needs accelerators (CUDA, XPU, ...) and none is here: on CPUs "
+                             "launch with --multi_gpu (DDP, each process holding the whole model)") from None
+        raise
+
+
+def fsdp_fallback(distributed_type: str, env=None) -> str | None:
+    """The line a run prints when ``accelerate launch --use_fsdp`` asked for FSDP and accelerate did not give it.
+
+    accelerate enables FSDP only on accelerators: on CPUs it runs DDP (or one plain process), every process
+    holding the whole model, parameters, gradients and optimiser state.  Silence would let a user believe
+    the model is sharded."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or distributed_type.upper() == "FSDP":
+        return None
+    return (f"FSDP was asked for (--use_fsdp) but accelerate runs it only on accelerators: this run falls back to "
+            f"{'DDP' if distributed_type.upper() == 'MULTI_CPU' else 'one plain process'}, each process holding "
+            "the whole model")
 
 
 def optimizer_groups(model: TrainableGPT2, weight_decay: float, ln_gains: bool = False) -> list[dict]:
@@ -258,6 +279,9 @@ def run(base: Path, corpus: Corpus, out: Path, recipe: Recipe, *, control: bool 
     requested, precision = precision, resolve_precision(precision, device)
     accelerator = _accelerator(device, precision)
     rank, processes = accelerator.process_index, accelerator.num_processes
+    fallback = fsdp_fallback(str(accelerator.distributed_type.value))
+    if fallback and rank == 0:
+        log(fallback)
     if recipe.batch % (recipe.grad_accum * processes):
         raise InputError(f"--batch {recipe.batch} does not split into {recipe.grad_accum} micro-batch(es) over "
                          f"{processes} process(es): make it a multiple of {recipe.grad_accum * processes}")

@@ -53,8 +53,8 @@ def test_two_processes_equal_one(one_process, ln_dir, data, tmp_path):
     """``accelerate launch`` (2 processes, gloo on the CPU), same global batch: the same loss log, the same σ and
     the same function (log-probs to 1e-5).
 
-    (FSDP cannot be tested here: accelerate turns ``--use_fsdp`` on only with accelerators, and a CPU launch
-    with it runs plain DDP; ``bench/gpu_check.sh`` runs the FSDP launch where a GPU is lent.)
+    (FSDP cannot be tested here: accelerate runs it only on accelerators, and a CPU launch with ``--use_fsdp``
+    is refused in one line (the next tests); ``bench/gpu_check.sh`` runs the FSDP launch where a GPU is lent.)
     """
     accelerate = shutil.which("accelerate")
     assert accelerate, "accelerate is a requirement"
@@ -257,3 +257,23 @@ def test_the_model_files_appear_only_when_the_run_ends(tmp_path, ln_dir):
     assert during == [["_training"], ["_training"]]
     assert {"model.safetensors", "config.json", "README.md", "removal.json"} <= {p.name for p in out.iterdir()}
     assert not (out / "_training" / "export").exists()
+
+
+def test_fsdp_fallback_is_said_only_when_fsdp_was_asked_for_and_not_given():
+    from noln_core.training.trainer import fsdp_fallback
+
+    assert fsdp_fallback("MULTI_CPU", {}) is None and fsdp_fallback("FSDP", {"ACCELERATE_USE_FSDP": "true"}) is None
+    assert "falls back to one plain process" in fsdp_fallback("NO", {"ACCELERATE_USE_FSDP": "true"})
+
+
+def test_an_fsdp_launch_without_accelerators_is_refused_in_one_line(ln_dir, data, tmp_path):
+    """accelerate cannot run FSDP on CPUs: the run says so and what to launch instead, not an unexpected error."""
+    proc = subprocess.run(
+        [shutil.which("accelerate"), "launch", "--use_fsdp", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "noln_core", "remove-ln", "--base", str(ln_dir),
+         "--data", str(data), "--out", str(tmp_path / "fsdp"), *ARGS],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode != 0
+    assert ("error: FSDP (--use_fsdp) needs accelerators (CUDA, XPU, ...) and none is here: on CPUs launch with "
+            "--multi_gpu") in proc.stderr and "unexpected" not in proc.stderr
+    assert not (tmp_path / "fsdp").exists()
