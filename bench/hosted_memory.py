@@ -45,10 +45,15 @@ for i in range({requests}):
     at.sidebar.text_area(key="w_text").set_value(text).run()
     assert not at.exception, [e.value for e in at.exception]
     if i % 20 == 19 or i == 0:
+        print(f"request {{i + 1}}/{requests}: resident {{rss():.2f}} GB", file=sys.stderr, flush=True)
         samples.append({{"request": i + 1, "rss_gb": round(rss(), 3), "run_cache_mb": round(cache.run_cache().nbytes / 1e6, 1),
                          "runs_kept": len(cache.run_cache()), "seconds": round(time.time() - started, 1)}})
 print(json.dumps(samples))
 """
+
+
+HEADING = '## App server memory'
+INTRO = "Written by `python -m bench.hosted_memory --update-docs`.\n\n"
 
 
 def main(argv=None) -> int:
@@ -58,14 +63,16 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "noln-bench"))
     parser.add_argument("--out", default=None, help="write the Markdown table here")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="write the result as its section of docs/BENCHMARKS.md (that section only)")
     args = parser.parse_args(argv)
     base, noln = build_checkpoints("small", Path(args.cache))
     code = DRIVER.format(root=str(ROOT), app=str(ROOT / "app.py"), a=str(base), b=str(noln), requests=args.requests)
     env = {**os.environ, **LIMITS, "HF_HUB_OFFLINE": "1", "NOLN_HOSTED": "0"}
     started = time.time()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
-    if out.returncode:
-        print(out.stderr[-3000:], file=sys.stderr)
+    print(f"driving {args.requests} requests (progress every 20)...", file=sys.stderr, flush=True)
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    if out.returncode:  # its error went to stderr, with the progress lines
         return 1
     samples = json.loads(out.stdout.strip().splitlines()[-1])
     lines = [
@@ -78,6 +85,10 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(text)
+    if args.update_docs:
+        from bench.run import update_docs
+
+        update_docs(HEADING, INTRO + text)
     print(text)
     return 0
 

@@ -88,7 +88,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.batch = args.batch or (8 if args.device == "cuda" else 2)
     args.seq_len = args.seq_len or (1024 if args.device == "cuda" else 256)
+    from bench.progress import say
+
     cache = Path(tempfile.gettempdir()) / "noln-bench"
+    say(f"building or reading the random-weight GPT-2 {args.size} checkpoint")
     base, _ = build_checkpoints(args.size, cache)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -97,8 +100,11 @@ def main(argv=None) -> None:
         rows = ids[: len(ids) // args.seq_len * args.seq_len].reshape(-1, args.seq_len)
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        say(f"the floor: {args.steps} plain transformers training steps")
         floor = floor_step_seconds(base, rows, args)
+        say(f"remove-ln --control: {args.steps} steps")
         control, _ = loop_step_seconds(base, corpus, True, args, work / "control")
+        say(f"remove-ln: {args.steps} steps")
         removal, info = loop_step_seconds(base, corpus, False, args, work / "removal")
         peak = torch.cuda.max_memory_allocated() / 1e9 if args.device == "cuda" else None
     lines = [

@@ -180,7 +180,10 @@ def run(args) -> tuple[str, dict]:
     device, dtype = args.device, args.dtype
     torch_dtype = getattr(torch, dtype)
     rows, raw = [], {}
+    from bench.progress import say
+
     for size in args.sizes:
+        say(f"GPT-2 {size}: building or reading the random-weight checkpoints")
         base, noln = build_checkpoints(size, Path(args.cache))
         reps = 1 if args.quick else 5
         # Loading: ready for analysis, against HF ready to run (from_pretrained, then one short forward pass).
@@ -191,6 +194,7 @@ def run(args) -> tuple[str, dict]:
                 GPT2LMHeadModel.from_pretrained(directory, torch_dtype=torch_dtype).to(device)(probe)
 
         for name, directory in (("with LN", base), ("LN-free", noln)):
+            say(f"GPT-2 {size}: cold load ({name}) against transformers, 5 rounds")
             t_ours, t_hf_ready, ratio = interleaved(lambda: load_model(str(directory), device=device, dtype=dtype),
                                                     lambda: hf_ready(directory), 5, device)
             rows.append((size, f"cold load ({name}), ready for analysis", f"{t_ours:.2f} s",
@@ -200,6 +204,7 @@ def run(args) -> tuple[str, dict]:
         hf = [GPT2LMHeadModel.from_pretrained(d, torch_dtype=torch_dtype, attn_implementation="sdpa").to(device).eval()
               for d in (base, noln)]
         for n in LENGTHS if not args.quick else (16, 128):
+            say(f"GPT-2 {size}: the side-by-side analysis at {n} tokens against two plain forwards")
             text = text_of(models[0], n)
             ids = torch.tensor([tokenize(models[0], text)], device=device)
 
@@ -230,6 +235,7 @@ def run(args) -> tuple[str, dict]:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         if size == "small" and device == "cpu":
+            say(f"GPT-2 {size}: peak and resident memory over {CREEP_RUNS} runs (a fresh process)")
             mem = memory_probe(base, noln, device, dtype)
             floor = mem["imports_gb"] + mem["weights_gb"]
             rows.append((size, "peak resident memory, both models ready", f"{mem['ready_gb']:.2f} GB",
@@ -264,41 +270,49 @@ def table(rows, args) -> str:
 
 HEADER = """# Benchmarks
 
-Written by `python -m bench.run` (CPU) from this repository; GPU tables come from
-`bench/gpu_check.sh` runs saved under `bench/results/`. Each ratio divides two numbers
+Each section is written by its own command and only that section: `python -m bench.run` (CPU),
+`python -m bench.study`, `bench/gpu_check.sh` where a GPU is lent, `python -m bench.hosted_memory`
+and `python -m bench.hosted_mixed --update-docs`. Each ratio divides two numbers
 measured in alternation in the same process (the floor, then ours, repeated; the ratio is the
 median of the per-round ratios, the times are medians): two plain `transformers` forward
 passes for the analysis, one for the direct effects, `transformers` "ready to run"
-(`from_pretrained` and one 16-token forward) for loading, plain batched forwards for corpus
-evaluation, imports plus weights for memory. Checkpoints are random-weight GPT-2 small and
+(`from_pretrained` and one 16-token forward) for loading, plain batched forwards for the
+study, imports plus weights for memory. Checkpoints are random-weight GPT-2 small and
 medium shapes built offline; model B carries the LN-free trick, as gpt2_noLN does. A 2-core
 machine is noisy, so read ratios, not seconds.
 
 """
 
 
-def document(cpu_table: str) -> str:
-    parts = [HEADER, "## CPU\n\n", cpu_table, "\n## GPU\n\n"]
-    results = sorted((ROOT / "bench" / "results").glob("*.md"))
-    if results:
-        parts += [r.read_text() + "\n" for r in results]
-    else:
-        parts.append("No GPU was available to the session that wrote this file; `bench/gpu_check.sh` produces the "
-                     "float32 and bfloat16 tables on CUDA with the same code.\n")
-    hosted = ROOT / "bench" / "hosted_memory.md"
-    if hosted.exists():
-        parts += ["\n## App server memory\n\nWritten by `python -m bench.hosted_memory --out bench/hosted_memory.md`.\n\n",
-                  hosted.read_text()]
-    mixed = ROOT / "bench" / "hosted_mixed.md"
-    if mixed.exists():
-        parts += ["\n## A hosted server under mixed requests\n\nWritten by `python -m bench.hosted_mixed --out "
-                  "bench/hosted_mixed.md`. The budgets are set small so that each binds within a few hundred requests; "
-                  "\"models alive\" counts a model held by a session or a cached run whether or not the store still "
-                  "lists it.\n\n", mixed.read_text()]
-    notes = ROOT / "bench" / "NOTES.md"
-    if notes.exists():
-        parts += ["\n", notes.read_text()]
-    return "".join(parts)
+CPU_HEADING = "## CPU"
+
+
+def replace_section(document: str, heading: str, body: str) -> str:
+    """``document`` with the section under ``heading`` (up to the next ``## `` heading) replaced by ``body``.
+
+    Only this benchmark's section changes: the others (study, GPU, hosted server, notes) are written by their
+    own commands and stay as they are.  A document without the section gets it after its header."""
+    section = f"{heading}\n\n{body.rstrip()}\n\n"
+    lines = document.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == heading]
+    if not starts:
+        cut = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+        return "".join(lines[:cut]) + section + "".join(lines[cut:])
+    begin = starts[0]
+    end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "".join(lines[:begin]) + section + "".join(lines[end:])
+
+
+def update_docs(heading: str, body: str) -> Path:
+    """Write ``body`` as the section ``heading`` of docs/BENCHMARKS.md, leaving every other section as it is."""
+    path = ROOT / "docs" / "BENCHMARKS.md"
+    path.write_text(replace_section(path.read_text() if path.exists() else HEADER, heading, body))
+    return path
+
+
+def document(cpu_table: str, existing: str | None = None) -> str:
+    """BENCHMARKS.md with this run's CPU table in its section, everything else as it was."""
+    return replace_section(existing if existing is not None else HEADER, CPU_HEADING, cpu_table)
 
 
 def main(argv=None) -> int:
@@ -319,7 +333,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(text)
     elif args.device == "cpu" and not args.quick:
-        (ROOT / "docs" / "BENCHMARKS.md").write_text(document(text))
+        update_docs(CPU_HEADING, text)
     print(text)
     return 0
 

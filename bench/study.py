@@ -68,6 +68,9 @@ print(json.dumps({{"weights_gb": weights / 1e9, "ready_gb": ready, "peak_gb": st
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+STUDY_HEADING = "## Study (`python -m bench.study`)"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -79,6 +82,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "noln-bench"))
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--update-docs", action="store_true", help="write the table as the Study section of "
+                        "docs/BENCHMARKS.md (that section only)")
     args = parser.parse_args(argv)
 
     from transformers import GPT2LMHeadModel
@@ -86,10 +91,14 @@ def main(argv=None) -> None:
     from noln_core import load_model
     from noln_core.study import Settings, parse_corpus, run_study
 
+    from bench.progress import say
+
+    say(f"building or reading the random-weight GPT-2 {args.size} checkpoints")
     base, noln = build_checkpoints(args.size, Path(args.cache))
     work = Path(tempfile.mkdtemp(prefix="noln-bench-study-"))
     n_seq = args.batch * args.batches
     corpus = corpus_file(work / "corpus.jsonl", 4 * n_seq * args.seq_len)
+    say("loading both models, ours and transformers'")
     models = [load_model(str(p), device=args.device) for p in (base, noln)]
     hf = [GPT2LMHeadModel.from_pretrained(p, attn_implementation="sdpa").to(args.device).eval() for p in (base, noln)]
     stream = np.concatenate([json.loads(line)["input_ids"] for line in open(corpus)])
@@ -114,11 +123,15 @@ def main(argv=None) -> None:
     n_tok = n_seq * args.seq_len
     for label, metrics, target in () if args.no_timing else (("CE only", ("ce",), TARGETS["ce"]),
                                                              ("full metric set", Settings().metrics, TARGETS["full"])):
+        say(f"timing the study ({label}) against plain forwards, {args.repeats} rounds of {n_seq} sequences each")
         t_ours, t_floor, ratio = interleaved(study(metrics), floor, args.repeats, args.device)
+        say(f"  {label}: {1 / ratio:.2f}x the plain forwards' throughput")
         rows.append((f"study throughput, {label}, 2 models, {n_seq}×{args.seq_len}", f"{n_tok * 2 / t_ours:,.0f} tok/s",
                      f"HF forwards {n_tok * 2 / t_floor:,.0f} tok/s", 1 / ratio, f"≥ {target}×", 1 / ratio >= target))
     if not args.no_memory:
+        say(f"peak memory of a full study on {n_seq} sequences (a fresh process)")
         small = memory(base, noln, corpus, args, n_seq)
+        say(f"peak memory of a full study on {4 * n_seq} sequences (a fresh process)")
         large = memory(base, noln, corpus, args, 4 * n_seq)
         for m, n in ((small, n_seq), (large, 4 * n_seq)):
             above = m["peak_gb"] - m["weights_gb"]
@@ -126,10 +139,16 @@ def main(argv=None) -> None:
                          f"batch {args.batch}×{args.seq_len}, {n} sequences", f"{m['peak_gb']:.2f} GB",
                          f"weights {m['weights_gb']:.2f} GB; ready {m['ready_gb']:.2f} GB", above,
                          f"≤ {TARGETS['memory_gb']} GB", above <= TARGETS["memory_gb"]))
-    print(f"| measure ({args.size}, {args.device}) | ours | reference | ratio | target | met |")
-    print("|---|---|---|---|---|---|")
-    for name, ours, ref, ratio, target, met in rows:
-        print(f"| {name} | {ours} | {ref} | {ratio:.2f} | {target} | {'yes' if met else 'no'} |")
+    lines = [f"| measure ({args.size}, {args.device}) | ours | reference | ratio | target | met |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {ours} | {ref} | {ratio:.2f} | {target} | {'yes' if met else 'no'} |"
+              for name, ours, ref, ratio, target, met in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.update_docs:
+        from bench.run import update_docs
+
+        say(f"wrote {update_docs(STUDY_HEADING, f'torch {torch.__version__}, {args.device}.' + chr(10) * 2 + text)}")
 
 
 if __name__ == "__main__":
