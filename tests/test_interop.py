@@ -51,10 +51,11 @@ def test_nnsight_wraps_it_and_reads_the_residual_stream(noln_dir, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import json, torch
         from transformers import PreTrainedTokenizerFast
-        from nnsight import LanguageModel
+        from nnsight import TransformersModel
         from noln_core import load_model, to_transformers
         model = load_model({str(noln_dir)!r}, device="cpu")
-        lm = LanguageModel(to_transformers(model), tokenizer=PreTrainedTokenizerFast(tokenizer_object=model.tokenizer))
+        lm = TransformersModel(to_transformers(model), task="text-generation",
+                               tokenizer=PreTrainedTokenizerFast(tokenizer_object=model.tokenizer))
         ids = torch.tensor([[50256, 464, 3290, 318, 257]])
         with lm.trace(ids):
             h = lm.transformer.h[1].output.save()
