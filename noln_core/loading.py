@@ -189,6 +189,13 @@ def _source_and_revision(source: str, revision: str | None) -> tuple[str, str | 
     return source, revision
 
 
+def context_length(source: str, *, allow_local: bool = True) -> int:
+    """A model's context (``n_positions``), from its ``config.json`` alone; the same one-line errors as loading."""
+    source, revision = _source_and_revision(source, revision=None)
+    directory, source, revision, _ = _locate(source, revision, allow_local, config_only=True)
+    return read_config(directory, source).n_positions
+
+
 def estimate_bytes(source: str, device: str = "auto", dtype: str | torch.dtype = "float32", *,
                    allow_local: bool = True) -> int:
     """The memory a model will take once loaded, from its ``config.json`` alone (fetched without the weights).

@@ -130,6 +130,36 @@ def study_key(models: list[LoadedModel], corpus: Corpus, seq_len: int, bos: bool
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+@dataclass(frozen=True)
+class RunEstimate:
+    """How long a study will take, from a quick timing of one batch on these models with these settings."""
+
+    seconds: float
+    """The whole study: ``batches`` times the timed batch (the first batch of a run costs about the same)."""
+    batch_seconds: float
+    """One batch of ``batch`` sequences, every metric asked for, all models."""
+    batches: int
+
+
+def estimate_run(models: list[LoadedModel], seq_len: int, batch: int, max_tokens: int, settings: Settings,
+                 timed_batches: int = 1) -> RunEstimate:
+    """Time ``timed_batches`` batches of random tokens through :func:`measure_batch` (the study's own work per
+    batch), then scale to the batches ``max_tokens`` allows.  Reading and tokenising the corpus is not timed."""
+    if seq_len < 2 or batch < 1 or max_tokens < seq_len:
+        raise InputError(f"nothing to time: the budget of {max_tokens} tokens holds no sequence of {seq_len}")
+    n_seq = max_tokens // seq_len
+    size = min(batch, n_seq)
+    vocab = min(m.info.d_vocab for m in models)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, (size, seq_len), dtype=np.int64))
+    measure_batch(models, ids, 0, settings, Totals())  # warm-up: first-call allocations and kernels
+    start = time.perf_counter()
+    for _ in range(timed_batches):
+        measure_batch(models, ids, 0, settings, Totals())
+    per_batch = (time.perf_counter() - start) / timed_batches
+    batches = -(-n_seq // size)
+    return RunEstimate(seconds=per_batch * batches, batch_seconds=per_batch, batches=batches)
+
+
 def default_seq_len(models: list[LoadedModel]) -> int:
     """The papers' 1024 tokens, or the shortest context of the models when that is smaller."""
     return min([1024] + [m.info.n_ctx for m in models])

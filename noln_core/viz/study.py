@@ -38,14 +38,19 @@ def ce_intervals(result) -> go.Figure:
     names = _names(result)
     means = [m.ce.mean for m in result.models]
     errs = [_err(m.ce) for m in result.models]
-    fig = go.Figure(go.Scatter(x=means, y=names, mode="markers", name="mean (95% CI)",
+    fig = go.Figure(go.Scatter(x=means, y=names, mode="markers+text", name="mean, 95% interval",
+                               text=[f"{m:.3f}" for m in means], textposition="top center", cliponaxis=False,
                                error_x=dict(type="data", symmetric=False, array=[e[1] for e in errs],
                                             arrayminus=[e[0] for e in errs]),
-                               marker=dict(size=10, color=[_colour(i) for i in range(len(names))])))
+                               marker=dict(size=11, color=[_colour(i) for i in range(len(names))])))
     fig.add_trace(go.Scatter(x=[m.ce_median for m in result.models], y=names, mode="markers", name="per-token median",
                              marker=dict(symbol="diamond-open", size=10, color="black")))
+    # One row per model, each labelled on the axis; the legend below the plot, inside the figure.
     fig.update_layout(title="Cross-entropy (nats), 95% interval over sequences", xaxis_title="nats",
-                      height=120 + 40 * len(names), yaxis=dict(autorange="reversed"))
+                      height=200 + 70 * len(names), margin=dict(t=60, b=110),
+                      yaxis=dict(type="category", categoryorder="array", categoryarray=names, autorange="reversed",
+                                 automargin=True),
+                      legend=dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0))
     return fig
 
 

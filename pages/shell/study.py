@@ -23,7 +23,8 @@ from noln_core import InputError, LoadedModel, NolnError
 from noln_core.registry import REGISTRY
 from noln_core.study import METRICS, NMAE_TARGETS, Corpus, Settings, parse_corpus, run_study, text_corpus
 from noln_core.corpus import DEMO_CORPUS
-from noln_core.study.engine import cache_root, default_seq_len, prune_cache, study_key
+from noln_core.loading import context_length
+from noln_core.study.engine import cache_root, default_seq_len, estimate_run, prune_cache, study_key
 from noln_core.tokenizer import decode_utf8
 from pages.shell import cache, limits
 from pages.shell.display import error, md
@@ -181,13 +182,22 @@ def request_input() -> Request | None:
         error(str(err))
         corpus = None
     cap = limits.LIMITS.study_max_tokens
+    context = _shortest_context(specs)
+    longest = min(1024, context or 1024)
     c1, c2, c3 = st.columns(3)
+    cut = st.session_state["w_study_seq"] > longest
+    if cut:
+        st.session_state["w_study_seq"] = longest
     if cap and st.session_state["w_study_budget"] > cap:
         st.session_state["w_study_budget"] = cap
-    seq_len = c1.number_input("Tokens per sequence", 8, 1024, step=64, key="w_study_seq",
-                              help="The papers use 1024 (CE) and 512 (NMAE); cut to the shortest context.")
-    budget = c2.number_input("Budget (tokens)" + (f", at most {cap:,}" if cap else ""), 8, cap or 10**9,
-                             step=1024, key="w_study_budget")
+    seq_len = c1.number_input(f"Tokens per sequence (at most {longest:,})", 8, longest, step=64, key="w_study_seq",
+                              help="The papers use 1024 (CE) and 512 (NMAE); at most the shortest context of the "
+                                   "models.")
+    if cut or (context is not None and context < 1024):
+        c1.caption(f"Cut to {longest:,}: the shortest context of these models is {context:,} tokens.")
+    budget = c2.number_input(f"Budget (tokens), at least {int(seq_len):,}" + (f", at most {cap:,}" if cap else ""), 8,
+                             cap or 10**9, step=1024, key="w_study_budget",
+                             help="The tokens analysed, in whole sequences: at least one sequence.")
     batch = c3.number_input("Batch", 1, 64, key="w_study_batch")
     c4, c5 = st.columns(2)
     target = c4.selectbox("NMAE target", NMAE_TARGETS, key="w_study_target",
@@ -196,10 +206,11 @@ def request_input() -> Request | None:
                              key="w_study_metrics")
     bos = st.checkbox("Prepend <|endoftext|> to each sequence (the papers do not)", key="w_study_bos")
     _keep_inputs()
+    settings = Settings(metrics=("ce", *metrics), nmae_target=target)
+    _estimate(specs, int(seq_len), int(batch), int(min(budget, cap or budget)), settings)
     if st.button("Run study", type="primary", key="w_study_run", disabled=not specs or corpus is None):
         st.session_state[_REQUEST] = Request(tuple(specs), corpus, int(seq_len), int(min(budget, cap or budget)),
-                                             int(batch), bool(bos),
-                                             Settings(metrics=("ce", *metrics), nmae_target=target))
+                                             int(batch), bool(bos), settings)
         st.session_state.pop(_RESULT, None)
         st.session_state.pop(_CANCELLED, None)
     if not specs:
@@ -207,6 +218,53 @@ def request_input() -> Request | None:
     elif corpus is None:
         st.info("Choose a corpus.", icon=":material/info:")
     return st.session_state.get(_REQUEST)
+
+
+def _shortest_context(specs: list[str]) -> int | None:
+    """The shortest context of the chosen models, from their configs (None when one cannot be read: its load
+    will say why)."""
+    try:
+        return min((context_length(s, allow_local=not limits.LIMITS.hosted) for s in specs), default=None)
+    except NolnError:
+        return None
+
+
+_ESTIMATE = "_study_estimate"
+
+
+def _estimate(specs: list[str], seq_len: int, batch: int, budget: int, settings: Settings) -> None:
+    """Before Run: a button that times one batch on these models and says how long the study will take."""
+    if not specs:
+        return
+    asked = (tuple(specs), seq_len, batch, budget, settings, state().device, state().dtype)
+    kept = st.session_state.get(_ESTIMATE)
+    if st.button("Estimate the run time", key="w_study_estimate",
+                 help="Times one batch of these models with these metrics on this machine, then scales it to the "
+                      "budget (corpus reading not included)."):
+        models = _load(tuple(specs))
+        if models is None:
+            return
+        try:
+            with st.spinner("Timing one batch…"):
+                kept = (asked, estimate_run(models, min(seq_len, default_seq_len(models)), batch, budget, settings))
+        except NolnError as err:
+            error(str(err))
+            return
+        st.session_state[_ESTIMATE] = kept
+    if kept is not None and kept[0] == asked:
+        e = kept[1]
+        st.caption(f"About {_duration(e.seconds)} on this machine: {e.batches:,} batch(es) of "
+                   f"{_duration(e.batch_seconds)} each (timed just now; the run's progress bar refines it).")
+    elif kept is not None:
+        st.caption("The settings changed since the last estimate: estimate again.")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _load(specs: tuple[str, ...]) -> list[LoadedModel] | None:
@@ -257,6 +315,9 @@ def run(request: Request):
     if models is None:
         return None
     seq_len = min(request.seq_len, default_seq_len(models))
+    if seq_len < request.seq_len:
+        st.info(f"Tokens per sequence cut from {request.seq_len:,} to {seq_len:,}: the shortest context of these "
+                "models.", icon=":material/content_cut:")
     try:
         key = study_key(models, request.corpus, seq_len, request.bos, request.max_tokens, request.batch,
                         request.settings)

@@ -178,3 +178,42 @@ def test_an_uploaded_jsonl_never_touches_the_disk_and_its_errors_name_no_server_
     assert "'notes.jsonl'" in shown and "--field" not in shown and "field box" in shown
     assert for_page("no dataset 'x' could be read (FileNotFoundError: '/root/.cache/huggingface/x.arrow')",
                     hosted=True) == "no dataset 'x' could be read (FileNotFoundError: 'x.arrow')"
+
+
+def test_the_form_says_its_limits_in_its_own_words_and_estimates_the_run(ln_dir, noln_dir, tmp_path, monkeypatch):
+    """The length defaults to what the models can take, with a note; the budget's minimum is beside it; a budget
+    under one sequence gets the page's words, not a CLI flag; Estimate times one batch before Run."""
+    monkeypatch.setenv("NOLN_STUDY_CACHE", str(tmp_path / "studies"))
+    at = AppTest.from_file(APP, default_timeout=240)
+    at.query_params.update({"model_a": str(ln_dir), "model_b": str(noln_dir), "device": "cpu"})
+    at.run()
+    at.switch_page(PAGE).run()
+    at.text_input(key="w_study_more").set_value(f"{ln_dir}, {noln_dir}").run()
+    assert_clean(at)
+    seq = at.number_input(key="w_study_seq")
+    assert seq.value == 64 and "at most 64" in seq.label  # the tiny models' context, not the papers' 1024
+    assert any("Cut to 64: the shortest context of these models is 64 tokens" in c.value for c in at.caption)
+    assert "at least 64" in at.number_input(key="w_study_budget").label
+    at.number_input(key="w_study_budget").set_value(64 * 4)
+    at.number_input(key="w_study_batch").set_value(2).run()
+    at.button(key="w_study_estimate").click().run()
+    assert_clean(at)
+    said = [c.value for c in at.caption if c.value.startswith("About ")]
+    assert len(said) == 1 and "2 batch(es)" in said[0], said
+    at.number_input(key="w_study_batch").set_value(4).run()  # settings changed: the old estimate is not shown
+    assert any("estimate again" in c.value for c in at.caption)
+    at.number_input(key="w_study_seq").set_value(32)
+    at.number_input(key="w_study_budget").set_value(16).run()
+    at.button(key="w_study_run").click().run()
+    shown = " ".join(e.value for e in at.error)
+    assert "raise the budget to at least 32" in shown and "--" not in shown
+
+
+def test_estimate_run_scales_one_timed_batch_to_the_budget(noln_model, ln_model):
+    from noln_core.errors import InputError
+    from noln_core.study.engine import estimate_run
+
+    e = estimate_run([ln_model, noln_model], 16, 3, 16 * 10, Settings())
+    assert e.batches == 4 and e.batch_seconds > 0 and e.seconds == pytest.approx(e.batch_seconds * 4)
+    with pytest.raises(InputError, match="holds no sequence"):
+        estimate_run([ln_model], 16, 3, 8, Settings())

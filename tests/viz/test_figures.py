@@ -116,3 +116,21 @@ def test_tables_carry_the_numbers(result):
     summaries = attention(result)
     frame = tables.pattern_frame([s.name for s in summaries], [s.patterns[0, 0] for s in summaries], 0, 0, result.tokens)
     assert len(frame) == 2 * result.n_tokens * (result.n_tokens + 1) // 2
+
+
+def test_the_study_ce_chart_gives_each_model_a_labelled_row_and_keeps_its_legend_inside(ln_model, noln_model,
+                                                                                        tmp_path):
+    """The chart once was 200 px tall with both models' dots on one row, only A labelled, its legend cut off."""
+    from noln_core.study import Settings, parse_corpus, run_study
+    from noln_core.viz import study as viz
+
+    result = run_study([ln_model, noln_model, ln_model], parse_corpus("demo"), seq_len=16, batch=2, max_tokens=64,
+                       settings=Settings(metrics=("ce",)), state_dir=tmp_path / "s")
+    fig = viz.ce_intervals(result)
+    rows = list(fig.layout.yaxis.categoryarray)
+    assert len(rows) == len(set(rows)) == 3 and list(fig.data[0].y) == rows  # one distinct, labelled row each
+    assert fig.layout.yaxis.type == "category" and fig.layout.yaxis.automargin
+    assert [t for t in fig.data[0].text] == [f"{m.ce.mean:.3f}" for m in result.models]  # each dot says its value
+    legend, margin = fig.layout.legend, fig.layout.margin
+    assert legend.orientation == "h" and legend.y < 0 and margin.b >= 100  # below the plot, within the figure
+    assert fig.layout.height >= 60 * 3 + 200
