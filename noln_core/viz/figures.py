@@ -52,6 +52,14 @@ def model_label(index: int, name: str) -> str:
     return f"{chr(65 + index)}: {safe(name)}"
 
 
+ROW_PX = 90
+"""Height of one strip of the loss figure."""
+TITLE_GAP_PX = 48
+"""Room above a panel for its title."""
+TICKS_PX = 130
+"""Room under a token axis for its labels, turned -60° (16 characters at most)."""
+
+
 def _position_axis(fig: go.Figure, tokens: Sequence[str], row=None, col=None, offset: int = 0) -> None:
     n = len(tokens)
     step = max(1, math.ceil(n / 60))
@@ -63,7 +71,8 @@ def _position_axis(fig: go.Figure, tokens: Sequence[str], row=None, col=None, of
 def _grid_axes(fig: go.Figure, n_layers: int, n_heads: int) -> None:
     """Integer ticks on layer × head grids, thinned for the large models."""
     fig.update_xaxes(title_text="head", dtick=max(1, math.ceil(n_heads / 25)))
-    fig.update_yaxes(title_text="layer", dtick=max(1, math.ceil(n_layers / 25)), autorange="reversed")
+    fig.update_yaxes(dtick=max(1, math.ceil(n_layers / 25)), autorange="reversed")
+    fig.update_yaxes(title_text="layer", row=1, col=1)  # once, at the left: a later panel's would sit on its neighbour
 
 
 def _symmetric(*arrays: np.ndarray) -> float:
@@ -86,7 +95,8 @@ def loss_strip(analysis: NextTokenAnalysis, tokens: Sequence[str]) -> go.Figure:
     """Per-token loss of each model (shared scale) and the difference between the first two (diverging)."""
     models = analysis.models
     rows = len(models) + (1 if analysis.pairs else 0)
-    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.04,
+    plot_px = ROW_PX * rows + TITLE_GAP_PX * (rows - 1)  # a fixed gap in pixels holds each panel's title
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=TITLE_GAP_PX / plot_px,
                         subplot_titles=[model_label(i, m.name) for i, m in enumerate(models)] + (["B − A"] if analysis.pairs else []))
     next_tokens = _hover_tokens(tokens[1:])
     zmax = max(float(np.nanmax(m.loss)) if m.loss.size else 1.0 for m in models)
@@ -105,7 +115,8 @@ def loss_strip(analysis: NextTokenAnalysis, tokens: Sequence[str]) -> go.Figure:
                       row=rows, col=1)
     fig.update_yaxes(showticklabels=False)
     _position_axis(fig, tokens[1:], row=rows, col=1)
-    fig.update_layout(height=110 * rows + 120, title="Per-token loss (predicting the next token)", margin=dict(t=70))
+    fig.update_layout(height=plot_px + 90 + TICKS_PX, title="Per-token loss (predicting the next token)",
+                      margin=dict(t=90, b=TICKS_PX))
     return fig
 
 
@@ -156,6 +167,7 @@ def norm_heatmaps(norms: Sequence[ResidualNorms], tokens: Sequence[str], include
                                  hovertemplate="%{y}, pos %{x}<br>norm %{customdata:.4g}<extra></extra>"),
                       row=1, col=i + 1)
         _position_axis(fig, tokens[start:], row=1, col=i + 1, offset=start)
+        fig.update_yaxes(showticklabels=i == 0, row=1, col=i + 1)  # the same layers: labelled once, at the left
     fig.update_layout(title="Residual-stream norm (log colour scale shared by all models)", height=460)
     return fig
 
@@ -231,7 +243,11 @@ def head_source_heatmaps(dlas: Sequence[DirectLogitAttribution], layer: int, tok
     """For one layer: each head's DLA split by source token, per model, on one symmetric scale."""
     grids = [d.head_source[layer] for d in dlas]
     bound = _symmetric(*grids)
-    fig = make_subplots(rows=len(dlas), cols=1, subplot_titles=[model_label(i, d.name) for i, d in enumerate(dlas)], vertical_spacing=0.12)
+    # Each panel has its own token axis (labels turned -60°) and the next panel's title below it: a gap in pixels.
+    gap = TICKS_PX + TITLE_GAP_PX
+    plot_px = 220 * len(dlas) + gap * (len(dlas) - 1)
+    fig = make_subplots(rows=len(dlas), cols=1, subplot_titles=[model_label(i, d.name) for i, d in enumerate(dlas)],
+                        vertical_spacing=gap / plot_px if len(dlas) > 1 else 0.0)
     hover = _hover_tokens(tokens)
     for i, g in enumerate(grids):
         fig.add_trace(go.Heatmap(z=g, x=np.arange(g.shape[1]), zmin=-bound, zmax=bound, zmid=0, colorscale=DIVERGING,
@@ -241,7 +257,8 @@ def head_source_heatmaps(dlas: Sequence[DirectLogitAttribution], layer: int, tok
                       row=i + 1, col=1)
         _position_axis(fig, tokens, row=i + 1, col=1)
         fig.update_yaxes(title_text="head", dtick=max(1, math.ceil(g.shape[0] / 25)), row=i + 1, col=1)
-    fig.update_layout(title=f"Layer {layer}: DLA of each head by source token", height=260 * len(dlas) + 120)
+    fig.update_layout(title=f"Layer {layer}: DLA of each head by source token", height=plot_px + 90 + TICKS_PX,
+                      margin=dict(t=90, b=TICKS_PX))
     return fig
 
 
@@ -285,7 +302,7 @@ def attention_patterns(names: Sequence[str], patterns: Sequence[np.ndarray], lay
         step = max(1, math.ceil(n / 40))
         fig.update_yaxes(tickmode="array", tickvals=list(range(0, n, step)),
                          ticktext=[token_label(tokens[t]) for t in range(0, n, step)], autorange="reversed",
-                         row=1, col=i + 1)
+                         showticklabels=i == 0, row=1, col=i + 1)  # the same queries: labelled once, at the left
     fig.update_layout(title=f"Attention pattern of L{layer}H{head} (rows: query, columns: key)", height=520)
     return fig
 

@@ -53,4 +53,5 @@ if result is not None:
         )
         figure(figures.dla_vs_direct_effect(effects), "dla_vs_direct_effect", heads)
         st.subheader("Top MLP neurons")
-        st.dataframe(tables.neurons_frame(dlas, 10), hide_index=True)
+        neurons = tables.neurons_frame(dlas, 10)
+        st.dataframe(neurons, hide_index=True, height=35 * (len(neurons) + 1) + 3)  # every model's rows, no inner scroll

@@ -122,6 +122,41 @@ def _assert_no_exception(page) -> None:
     assert page.locator("[data-testid='stAlertContentError']").count() == 0
 
 
+OVERLAPS = """() => {
+  const box = e => e.getBoundingClientRect();
+  const meets = (a, b) => a.width > 0 && b.width > 0 && a.left < b.right - 1 && b.left < a.right - 1
+                          && a.top < b.bottom - 1 && b.top < a.bottom - 1;
+  const bad = [];
+  document.querySelectorAll('.js-plotly-plot').forEach((plot, k) => {
+    const svg = box(plot.querySelector('.main-svg'));
+    const areas = [...plot.querySelectorAll('.nsewdrag')].map(box);
+    const titles = [...plot.querySelectorAll('text.annotation-text, [class^="g-x"][class$="title"] text, '
+                                           + '[class^="g-y"][class$="title"] text')];
+    const ticks = [...plot.querySelectorAll('g[class$="tick"] text')];
+    const name = plot.querySelector('.gtitle') ? plot.querySelector('.gtitle').textContent : 'chart ' + k;
+    for (const t of titles) {
+      const b = box(t);
+      areas.forEach((a, i) => { if (meets(b, a)) bad.push(`${name}: '${t.textContent}' on plot area ${i}`); });
+      ticks.forEach(x => { if (meets(b, box(x))) bad.push(`${name}: '${t.textContent}' on tick '${x.textContent}'`); });
+    }
+    const legend = plot.querySelector('.legend');
+    if (legend) {
+      const b = box(legend);
+      if (b.width > 0 && (b.left < svg.left - 1 || b.right > svg.right + 1 || b.bottom > svg.bottom + 1))
+        bad.push(`${name}: legend cut off`);
+    }
+    for (const x of ticks) {
+      const b = box(x);
+      if (b.width > 0 && (b.left < svg.left - 1 || b.right > svg.right + 1 || b.bottom > svg.bottom + 1))
+        bad.push(`${name}: tick '${x.textContent}' clipped`);
+    }
+  });
+  return bad;
+}"""
+"""Every chart on the page: no panel title or axis title over a plot area or a tick label, no tick label or legend
+cut off."""
+
+
 def test_pages_render_in_a_real_browser(server, browser):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -136,6 +171,11 @@ def test_pages_render_in_a_real_browser(server, browser):
         _assert_no_exception(page)
         assert page.locator(".js-plotly-plot").count() >= charts
         page.screenshot(path=str(SHOTS / f"{title.lower().replace(' ', '-')}.png"))
+        assert page.evaluate(OVERLAPS) == [], title  # at the app's default width (this viewport)
+        if title == "Attribution":  # the top-neurons table shows both models' 10 rows, no inner scroll hiding B
+            heights = page.locator("[data-testid='stDataFrame']").evaluate_all(
+                "els => els.map(e => e.getBoundingClientRect().height)")
+            assert max(heights) >= 35 * 21, heights
     assert "page=about" in page.url
 
 
@@ -158,6 +198,7 @@ def test_study_page_runs_a_study_in_a_real_browser(server, browser, ln_dir, noln
     _assert_no_exception(page)
     assert page.get_by_text("JSON: study").count() == 1
     page.screenshot(path=str(SHOTS / "study-run.png"), full_page=True)
+    assert page.evaluate(OVERLAPS) == []  # the CE chart's rows, labels and legend included
 
 
 def test_every_page_opened_by_a_link_as_a_fresh_servers_first_request_shows_no_dialog(browser, ln_dir, noln_dir):
