@@ -83,13 +83,9 @@ def main(argv=None) -> int:
     lines += [f"| {s['request']} | {s['rss_gb']:.2f} GB | {s['run_cache_mb']:.1f} MB | {s['runs_kept']} |"
               for s in samples]
     text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    if args.update_docs:
-        from bench.run import update_docs
+    from bench.run import publish
 
-        update_docs(HEADING, INTRO + text)
-    print(text)
+    publish(text, args.out, args.update_docs, HEADING, INTRO)
     return 0
 
 

@@ -134,13 +134,9 @@ def main(argv=None) -> int:
              and p["run_cache"] <= b["NOLN_RUN_CACHE_MB"])
     lines += ["", "Every budget held at every request." if under else "**A budget was exceeded** (see the peaks)."]
     text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    if args.update_docs:
-        from bench.run import update_docs
+    from bench.run import publish
 
-        update_docs(HEADING, INTRO + text)
-    print(text)
+    publish(text, args.out, args.update_docs, HEADING, INTRO)
     return 0 if under else 1
 
 

@@ -310,6 +310,15 @@ def update_docs(heading: str, body: str) -> Path:
     return path
 
 
+def publish(text: str, out: str | None, update: bool, heading: str, intro: str = "") -> None:
+    """A benchmark's Markdown: to ``out`` if given, as its own section of BENCHMARKS.md if ``update``, and to stdout."""
+    if out:
+        Path(out).write_text(text)
+    if update:
+        update_docs(heading, intro + text)
+    print(text)
+
+
 def document(cpu_table: str, existing: str | None = None) -> str:
     """BENCHMARKS.md with this run's CPU table in its section, everything else as it was."""
     return replace_section(existing if existing is not None else HEADER, CPU_HEADING, cpu_table)
