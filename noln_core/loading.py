@@ -189,11 +189,16 @@ def _source_and_revision(source: str, revision: str | None) -> tuple[str, str | 
     return source, revision
 
 
-def context_length(source: str, *, allow_local: bool = True) -> int:
-    """A model's context (``n_positions``), from its ``config.json`` alone; the same one-line errors as loading."""
+def _config_only(source: str, allow_local: bool):
+    """A model's parsed ``config.json``, fetched without the weights; the same one-line errors as loading."""
     source, revision = _source_and_revision(source, revision=None)
     directory, source, revision, _ = _locate(source, revision, allow_local, config_only=True)
-    return read_config(directory, source).n_positions
+    return read_config(directory, source)
+
+
+def context_length(source: str, *, allow_local: bool = True) -> int:
+    """A model's context (``n_positions``), from its ``config.json`` alone; the same one-line errors as loading."""
+    return _config_only(source, allow_local).n_positions
 
 
 def estimate_bytes(source: str, device: str = "auto", dtype: str | torch.dtype = "float32", *,
@@ -202,11 +207,9 @@ def estimate_bytes(source: str, device: str = "auto", dtype: str | torch.dtype =
 
     Raises the same one-line errors as :func:`load_model` for a bad source or config.
     """
-    source, revision = _source_and_revision(source, revision=None)
     resolve_device(device)
     itemsize = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
-    directory, source, revision, _ = _locate(source, revision, allow_local, config_only=True)
-    config = read_config(directory, source)
+    config = _config_only(source, allow_local)
     # The folded model drops the LN parameters and adds b_U (one per token) and w_U: an upper bound.
     return (config.n_parameters() + config.vocab_size + config.n_embd) * itemsize
 

@@ -11,6 +11,7 @@ keeps two sessions from running the same one side by side.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -224,9 +225,15 @@ def _shortest_context(specs: list[str]) -> int | None:
     """The shortest context of the chosen models, from their configs (None when one cannot be read: its load
     will say why)."""
     try:
-        return min((context_length(s, allow_local=not limits.LIMITS.hosted) for s in specs), default=None)
+        return min((_context(s, not limits.LIMITS.hosted) for s in specs), default=None)
     except NolnError:
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def _context(spec: str, allow_local: bool) -> int:
+    """Read once per spec, not on every rerun of the form (a hub model's config is a lookup)."""
+    return context_length(spec, allow_local=allow_local)
 
 
 _ESTIMATE = "_study_estimate"
