@@ -319,14 +319,48 @@ def _gaps(text: str | None) -> tuple[int, int, int] | None:
     return gaps  # type: ignore[return-value]
 
 
-def _run_remove_ln(args: argparse.Namespace) -> int:
+def removal_recipe(args: argparse.Namespace, config, processes: int):
+    """The recipe ``remove-ln`` runs: the preset (or the defaults) with every flag given, the accumulation derived from
+    ``--micro-batch`` over ``processes``, checked against the base model's ``config`` (context, layers). Raises
+    InputError, in the flags' own words, for a run that cannot be made."""
     from dataclasses import replace
+
+    from .training.recipe import recipe
+
+    overrides = dict(steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr,
+                     warmup=args.warmup, weight_decay=args.weight_decay, aux_lambda=args.aux_lambda,
+                     momentum=args.momentum, start_ln2=args.start, gaps=_gaps(args.gaps), seed=args.seed,
+                     seq_len=args.seq_len, special_sigma=args.special_sigma, ln_gain_decay=args.ln_decay,
+                     eot_loss=args.eot_loss)
+    if args.control and args.aux_lambda is None:
+        overrides["aux_lambda"] = 0.0
+    if overrides["seq_len"] is None and not args.preset:
+        overrides["seq_len"] = min(1024, config.n_positions)
+    try:
+        r = recipe(args.preset, **overrides)
+        if args.micro_batch is not None:
+            if r.batch % (args.micro_batch * processes):
+                raise ValueError(f"--batch {r.batch} is not a multiple of --micro-batch {args.micro_batch} x "
+                                 f"{processes} process(es)")
+            r = replace(r, grad_accum=r.batch // (args.micro_batch * processes))
+        if r.seq_len > config.n_positions:
+            raise ValueError(f"--seq-len {r.seq_len} is longer than {args.base}'s context of {config.n_positions}")
+        if r.seq_len < 2:
+            raise ValueError(f"--seq-len {r.seq_len} is too short")
+        if not args.control:
+            r.schedule(config.n_layer)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    return r
+
+
+def _run_remove_ln(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .checkpoint import read_config
     from .corpus import parse_corpus
     from .loading import locate
-    from .training.recipe import recipe, size_of
+    from .training.recipe import size_of
     from .training.removal import finetune
 
     for flag in ("steps", "batch", "grad_accum", "micro_batch", "seq_len", "warmup", "max_tokens", "checkpoint_every"):
@@ -345,33 +379,10 @@ def _run_remove_ln(args: argparse.Namespace) -> int:
     if config.ln_free:
         raise InputError(f"{args.base} is already LN-free")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    overrides = dict(steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr,
-                     warmup=args.warmup, weight_decay=args.weight_decay, aux_lambda=args.aux_lambda,
-                     momentum=args.momentum, start_ln2=args.start, gaps=_gaps(args.gaps), seed=args.seed,
-                     seq_len=args.seq_len, special_sigma=args.special_sigma, ln_gain_decay=args.ln_decay,
-                     eot_loss=args.eot_loss)
-    if args.control and args.aux_lambda is None:
-        overrides["aux_lambda"] = 0.0
-    if overrides["seq_len"] is None and not args.preset:
-        overrides["seq_len"] = min(1024, config.n_positions)
     size = size_of(config.n_layer, config.n_embd)
     if size and not args.preset:
         print(f"note: {args.base} has GPT-2 {size}'s shape; --preset {size} runs the papers' recipe", file=sys.stderr)
-    try:
-        r = recipe(args.preset, **overrides)
-        if args.micro_batch is not None:
-            if r.batch % (args.micro_batch * processes):
-                raise ValueError(f"--batch {r.batch} is not a multiple of --micro-batch {args.micro_batch} x "
-                                 f"{processes} process(es)")
-            r = replace(r, grad_accum=r.batch // (args.micro_batch * processes))
-        if r.seq_len > config.n_positions:
-            raise ValueError(f"--seq-len {r.seq_len} is longer than {args.base}'s context of {config.n_positions}")
-        if r.seq_len < 2:
-            raise ValueError(f"--seq-len {r.seq_len} is too short")
-        if not args.control:
-            r.schedule(config.n_layer)
-    except ValueError as err:
-        raise InputError(str(err)) from err
+    r = removal_recipe(args, config, processes)
     corpus = parse_corpus(args.data, args.field, args.split)
     eval_corpus = parse_corpus(args.eval_data, args.field, args.split) if args.eval_data else None
     result = finetune(base, corpus, Path(os.path.expanduser(args.out)), r, control=args.control, base_name=args.base,
