@@ -50,6 +50,12 @@ OWN_HOOKS = ("attn.hook_attn_to_first",)
 Observer = Callable[[str, torch.Tensor], None]
 """Called as ``observer(hook_name, activation)`` during a forward pass."""
 
+Editor = Callable[[str, torch.Tensor], torch.Tensor]
+"""Called as ``edit(hook_name, activation)`` for the names in ``EDITABLE``; returns the activation to go on with."""
+
+EDITABLE = ("hook_resid_pre", "attn.hook_z", "mlp.hook_post", "hook_resid_post")
+"""Hook names (after ``blocks.{l}.``) an :data:`Editor` can replace."""
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -265,6 +271,9 @@ class LoadedModel:
         wants: Callable[[str], bool] | None = None,
         return_logits: bool = True,
         stop_at_layer: int | None = None,
+        edit: Editor | None = None,
+        grad: bool = False,
+        start: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Run on ``tokens`` ``[batch, pos]``; return logits ``[batch, pos, d_vocab]`` (float32).
 
@@ -273,6 +282,15 @@ class LoadedModel:
         False the unembedding is skipped and ``None`` returned.  With
         ``stop_at_layer=k`` (TransformerLens' name) only blocks ``0..k-1`` run,
         and ``None`` is returned.
+
+        Interventions (patching, ablation, gradients), all off by default:
+        ``edit(name, tensor)`` returns the tensor the pass goes on with, for the
+        names in ``EDITABLE`` (``blocks.{l}.hook_resid_pre``, ``attn.hook_z``,
+        ``mlp.hook_post``, ``hook_resid_post``), before any observer sees it.
+        ``grad`` runs with autograd on (so a caller can ``retain_grad`` what its
+        editor returns and call ``backward``).  ``start=(l, resid)`` begins at
+        block ``l`` from ``resid`` (its ``hook_resid_pre``), skipping the
+        embedding and the blocks before it (TransformerLens' ``start_at_layer``).
         """
         info, w = self.info, self.weights
         if tokens.ndim == 1:
@@ -301,15 +319,22 @@ class LoadedModel:
             put(name + ".hook_normalized", normed)
             return normed.to(dtype)
 
-        with torch.inference_mode():
-            embed = w.W_E[tokens]
-            pos = w.W_pos[:n][None]
-            put("hook_embed", embed)
-            put("hook_pos_embed", pos.expand_as(embed))
-            resid = embed + pos
+        def change(name: str, value: torch.Tensor) -> torch.Tensor:
+            return value if edit is None else edit(name, value)
+
+        with torch.enable_grad() if grad else torch.inference_mode():
+            if start is None:
+                embed = w.W_E[tokens]
+                pos = w.W_pos[:n][None]
+                put("hook_embed", embed)
+                put("hook_pos_embed", pos.expand_as(embed))
+                resid, first = embed + pos, 0
+            else:
+                first, resid = start
             marker = None
-            for layer in range(info.n_layers if stop_at_layer is None else min(stop_at_layer, info.n_layers)):
+            for layer in range(first, info.n_layers if stop_at_layer is None else min(stop_at_layer, info.n_layers)):
                 b = f"blocks.{layer}."
+                resid = change(b + "hook_resid_pre", resid)
                 put(b + "hook_resid_pre", resid)
                 x = norm_in(resid, b + "ln1")
                 qkv = x @ w.W_QKV[layer] + w.b_QKV[layer]
@@ -340,6 +365,7 @@ class LoadedModel:
                         first = torch.nn.functional.scaled_dot_product_attention(
                             qt, kt, marker.expand(tokens.shape[0], H, n, dh), is_causal=True, scale=1.0 / div)
                         put(b + "attn.hook_attn_to_first", first[..., 0])
+                z = change(b + "attn.hook_z", z)
                 put(b + "attn.hook_z", z)
                 attn_out = z.flatten(-2) @ w.W_O[layer] + w.b_O[layer]
                 put(b + "hook_attn_out", attn_out)
@@ -348,18 +374,19 @@ class LoadedModel:
                 x = norm_in(resid, b + "ln2")
                 pre = x @ w.W_in[layer] + w.b_in[layer]
                 put(b + "mlp.hook_pre", pre)
-                post = act(pre)
+                post = change(b + "mlp.hook_post", act(pre))
                 put(b + "mlp.hook_post", post)
                 mlp_out = post @ w.W_out[layer] + w.b_out[layer]
                 put(b + "hook_mlp_out", mlp_out)
-                resid = resid + mlp_out
+                resid = change(b + "hook_resid_post", resid + mlp_out)
                 put(b + "hook_resid_post", resid)
             if not return_logits or stop_at_layer is not None:
                 return None
-            return self.unembed(resid, observer=put)
+            return self.unembed(resid, observer=put, grad=grad)
 
     def unembed(self, resid: torch.Tensor, observer: Observer | None = None,
-                vocab: torch.Tensor | None = None) -> torch.Tensor:
+                vocab: torch.Tensor | None = None, grad: bool = False,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) from final residual-stream vectors ``resid`` (..., d_model): the model's readout.
 
         ``vocab`` (token ids) computes only those columns, in that order.
@@ -368,13 +395,18 @@ class LoadedModel:
         weight and bias) then the unembedding.  LN-free: centring only, so the
         map is affine.  The unembedding stays tied to ``W_E``, so ``ln_f``'s
         centring is applied here rather than folded.
+
+        ``scale`` (..., 1), for models with LN: divide by it instead of the
+        scale of ``resid`` itself (the final LN's scale *frozen*, as in a
+        direct-effect measurement).  ``grad`` keeps autograd on.
         """
         w = self.weights
-        with torch.inference_mode():
+        with torch.enable_grad() if grad else torch.inference_mode():
             if self.ln_free:
                 x = resid - resid.mean(-1, keepdim=True)
             else:
-                centred, scale = _scale(resid, self.info.eps)
+                centred, own = _scale(resid, self.info.eps)
+                scale = own if scale is None else scale
                 if observer is not None:
                     observer("ln_final.hook_scale", scale)
                 x = centred / scale

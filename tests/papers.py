@@ -209,3 +209,71 @@ def sink_rate_inputs(chunks: list[list[int]], length: int = 512) -> list[list[in
     """``sink_rate.py``, line 189: every chunk truncated to its first 512 tokens."""
     return [c[:length] for c in chunks]
 
+
+
+@torch.no_grad()
+def ablate_all_models(hf, sequences: list[list[int]], tokens: list[int], neurons: list[int],
+                      ln_free: bool) -> dict[int, dict[str, np.ndarray]]:
+    """``mech_interp/entropy_neurons/ablate_all_models.py`` (``AblationAnalyzer``, lines 75-296) on an HF GPT-2:
+    ``mlp_mid`` (the last block's activation) is averaged over ``sequences`` (positions ``:-1``); on ``tokens`` the
+    final stream ``resid_pre + attn_out + mlp_mid W_out + b_out`` is rebuilt with each neuron set to its mean, put
+    through ``(x - mean) / sqrt(var + 1e-12)`` (no centring for the LN-free model: its ``W_U`` is centred by
+    ``fold_ln``), unembedded, and ``|Δ CE|``, ``|Δ entropy|`` (entropy with ``log(p + 1e-10)``) kept per token."""
+    block, ln_f = hf.transformer.h[-1], hf.transformer.ln_f
+    got = {}
+    h1 = block.mlp.c_proj.register_forward_pre_hook(lambda m, a: got.__setitem__("mid", a[0]))
+    h2 = ln_f.register_forward_pre_hook(lambda m, a: got.__setitem__("x", a[0]))
+    try:
+        mids = []
+        for seq in sequences:
+            hf(torch.tensor([seq]))
+            mids.append(got["mid"][0, :-1])
+        mean = torch.cat(mids).double().mean(0)
+        hf(torch.tensor([tokens]))
+        mid, x = got["mid"][0, :-1].double(), got["x"][0, :-1].double()
+    finally:
+        h1.remove(), h2.remove()
+    W_out = block.mlp.c_proj.weight.double()  # Conv1D: (d_mlp, d)
+    b_out = block.mlp.c_proj.bias.double()
+    resid_plus_attn = x - (mid @ W_out + b_out)
+    weight = ln_f.weight.double() / (1e6 if ln_free else 1.0)
+    W_U = hf.lm_head.weight.double()
+    targets = torch.tensor(tokens[1:])
+
+    def simulate(mlp_mid):
+        xx = resid_plus_attn + mlp_mid @ W_out + b_out
+        centred = xx - xx.mean(-1, keepdim=True)  # fold_ln's centred W_U does this for the LN-free model
+        if not ln_free:
+            centred = centred / (centred.pow(2).mean(-1, keepdim=True) + 1e-12).sqrt()
+        logits = (centred * weight + ln_f.bias.double()) @ W_U.T
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        probs = logits.softmax(-1)
+        return loss, -(probs * (probs + 1e-10).log()).sum(-1)
+
+    ref_loss, ref_entropy = simulate(mid)
+    out = {}
+    for idx in neurons:
+        ablated = mid.clone()
+        ablated[:, idx] = mean[idx]
+        loss, entropy = simulate(ablated)
+        out[idx] = {"loss_effect": (ref_loss - loss).abs().numpy(), "entropy_effect": (ref_entropy - entropy).abs().numpy()}
+    return out
+
+
+@torch.no_grad()
+def svd_comparison(hf, ln_free: bool) -> dict[str, np.ndarray]:
+    """``mech_interp/entropy_neurons/svd_comparison.py`` (lines 58-77) on an HF GPT-2 loaded as the papers' factory
+    does (``fold_ln``, ``center_writing_weights``, ``center_unembed``): the explicit ``d_mlp x vocab`` matrix of
+    cosines, ``torch.var`` over the vocabulary, ``||w_out|| / var``, and ``torch.svd`` of ``W_U``."""
+    W_out = hf.transformer.h[-1].mlp.c_proj.weight.double()
+    W_out = W_out - W_out.mean(1, keepdim=True)
+    weight = hf.transformer.ln_f.weight.double() / (1e6 if ln_free else 1.0)
+    W_U = weight[:, None] * hf.lm_head.weight.double().T
+    W_U = W_U - W_U.mean(0, keepdim=True)
+    W_U = W_U - W_U.mean(1, keepdim=True)
+    L2_Wout = torch.norm(W_out, dim=1, keepdim=True)
+    norm_Wu_Wout = (W_out / L2_Wout) @ (W_U / torch.norm(W_U, dim=0, keepdim=True))
+    var = torch.var(norm_Wu_Wout, axis=1)
+    U, S, _ = torch.svd(W_U)
+    return {"L2_Wout": L2_Wout[:, 0].numpy(), "var": var.numpy(), "ratio": (L2_Wout[:, 0] / var).numpy(),
+            "U": U.numpy(), "S": S.numpy(), "top_indices": np.argsort(-(L2_Wout[:, 0] / var).numpy())}
