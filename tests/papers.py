@@ -277,3 +277,88 @@ def svd_comparison(hf, ln_free: bool) -> dict[str, np.ndarray]:
     U, S, _ = torch.svd(W_U)
     return {"L2_Wout": L2_Wout[:, 0].numpy(), "var": var.numpy(), "ratio": (L2_Wout[:, 0] / var).numpy(),
             "U": U.numpy(), "S": S.numpy(), "top_indices": np.argsort(-(L2_Wout[:, 0] / var).numpy())}
+
+
+def ioi_bisymmetric_group(name_1: str, name_2: str, template: str, place: str, obj: str) -> tuple[list, list]:
+    """``ioi_utils.get_bisymmetric_prompts_and_answers`` (lines 19-31) for one symmetric draw of
+    ``ioi_dataset.gen_prompt_uniform`` (lines 280-335: ``[A]`` = name_1 = IO, ``[B]`` = name_2 = S), its
+    ``gen_flipped_prompts(("IO", "S1"))`` (lines 389-396: swap the first occurrences of IO and S by words), the
+    interleaving, the last word dropped, and ``reorder_list(..., 4, [0, 3, 1, 2])``."""
+    prompt = template.replace("[PLACE]", place).replace("[OBJECT]", obj)
+    d1 = [{"text": prompt.replace("[A]", name_1).replace("[B]", name_2), "IO": name_1, "S": name_2},
+          {"text": prompt.replace("[A]", name_2).replace("[B]", name_1), "IO": name_2, "S": name_1}]
+    d2 = []
+    for p in d1:
+        t = p["text"].split(" ")
+        io_index, s1_index = t.index(p["IO"]), t.index(p["S"])
+        t[io_index], t[s1_index] = t[s1_index], t[io_index]
+        d2.append(dict(p, text=" ".join(t)))
+    c = [item for pair in zip(d1, d2) for item in pair]
+    prompts = [m["text"].rsplit(" ", 1)[0] for m in c]
+    answers = [(" " + m["IO"], " " + m["S"]) for m in c]
+    order = [0, 3, 1, 2]
+    return [prompts[j] for j in order], [answers[j] for j in order]
+
+
+def attr_vs_act_patching(hf, clean: list[int], corrupted: list[int], answer: int, counterfactual: int) -> dict:
+    """``attr_vs_act_patching_(per_prompt).py`` on an HF GPT-2: activation patching of ``resid_pre`` (each block's
+    input, ``custom_patching.get_act_patch_resid_pre``: one full run per layer and position, minus the corrupted
+    logit difference, lines 18-36) and attribution patching (``get_cache_fwd_and_bwd`` then
+    ``grad_corrupted * (clean - corrupted)`` summed over d_model, lines 53-88), the metric ``get_logit_diff`` at
+    the last position (lines 91-103).  Rows: layers; columns: positions."""
+    blocks = hf.transformer.h
+
+    def logit_diff(logits):
+        return logits[0, -1, answer] - logits[0, -1, counterfactual]
+
+    def hidden(args, kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def replaced(args, kwargs, x):
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=x))
+
+    def block_inputs(tokens, grad):
+        kept = []
+
+        def keep(m, args, kwargs):
+            x = hidden(args, kwargs)
+            if grad:
+                x.retain_grad()
+            kept.append(x)
+
+        handles = [b.register_forward_pre_hook(keep, with_kwargs=True) for b in blocks]
+        try:
+            with torch.set_grad_enabled(grad):
+                if grad:
+                    out = hf(inputs_embeds=hf.transformer.wte(tokens).detach().requires_grad_(True))
+                else:
+                    out = hf(tokens)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.logits, kept
+
+    clean_t, corrupt_t = torch.tensor([clean]), torch.tensor([corrupted])
+    with torch.no_grad():
+        clean_logits, clean_in = block_inputs(clean_t, False)
+        corrupt_logits, _ = block_inputs(corrupt_t, False)
+    corrupt_metric = float(logit_diff(corrupt_logits))
+    logits, corrupt_in = block_inputs(corrupt_t, True)
+    logit_diff(logits).backward()
+    attr = np.array([(x.grad[0] * (c[0] - x.detach()[0])).sum(-1).double().numpy()
+                     for x, c in zip(corrupt_in, clean_in)])
+    act = np.zeros((len(blocks), len(clean)))
+    for layer, block in enumerate(blocks):
+        for pos in range(len(clean)):
+            def patch(m, args, kwargs, pos=pos, layer=layer):
+                x = hidden(args, kwargs).clone()
+                x[:, pos] = clean_in[layer][:, pos]
+                return replaced(args, kwargs, x)
+
+            handle = block.register_forward_pre_hook(patch, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    act[layer, pos] = float(logit_diff(hf(corrupt_t).logits)) - corrupt_metric
+            finally:
+                handle.remove()
+    return {"act": act, "attr": attr, "clean": float(logit_diff(clean_logits)), "corrupted": corrupt_metric}
