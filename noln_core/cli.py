@@ -20,6 +20,7 @@ from .analyses import (
     attention, direct_logit_attribution, head_direct_effects, logit_difference, next_token, residual_norms,
 )
 from .analyses.attribution import VALUE_BIAS
+from .cli_findings import add_neuron_arguments, add_patch_parser, neurons_entries, neurons_summary, run_patch
 from .compare import RunResult, compare
 from .errors import InputError, NolnError
 from .loading import load_model
@@ -124,6 +125,8 @@ def _summary(doc: dict[str, Any]) -> str:
             lines.append(f"  logit diff {m['logit_diff']:+.4f} = components {sum(d['values']):+.4f} "
                          f"+ constant {d['constant']:+.4f}  (error {d['error']:.2e}, {'exact' if d['exact'] else 'cached LN scale'})")
             lines.append(f"  DLA vs direct effect over heads: NMAE {m['direct_effect_nmae']:.2%}")
+        if m.get("neurons"):
+            lines += neurons_summary(m["neurons"])
     for pr in doc["pairs"]:
         a, b = doc["models"][pr["a"]]["name"], doc["models"][pr["b"]]["name"]
         lines.append(f"\n{a} vs {b}: top-1 agreement {pr['agreement']:.1%}, mean JS {np.mean(pr['js']):.4f} nats")
@@ -162,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="where the per-head DLA and direct effects count each head's value bias b_V: in the head "
                           "(default) or in the layer's b_O (TransformerLens' fold_value_biases, as the papers)")
     cmp.add_argument("--json", action="store_true", help="print the full JSON report instead of a summary")
+    add_neuron_arguments(cmp)
+    add_patch_parser(sub)
     sub.add_parser("models", help="list the registry of known models")
     rm = sub.add_parser(
         "remove-ln", help="remove LayerNorm from a GPT-2 by fine-tuning (the papers' method; accelerate-ready)",
@@ -544,16 +549,23 @@ def _run_compare(args: argparse.Namespace) -> int:
     if text == "" or text is None:
         raise InputError("the text is empty: pass --text 'some words' (or --text - to read stdin)")
     specs = args.model or list(default_pair())
-    models = []
-    for spec in specs:
-        source, revision = (spec, None) if os.path.exists(os.path.expanduser(spec)) else parse_spec(spec)
-        models.append(load_model(source, revision, device=args.device, dtype=args.dtype, name=spec))
+    models = [_load(spec, args.device, args.dtype) for spec in specs]
     result = compare(models, text, args.answer, args.counterfactual, args.position, prepend_bos=not args.no_bos)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     doc = report(result, args.value_bias)
+    if args.neurons is not None:
+        for entry, neurons in zip(doc["models"], neurons_entries(models, result.token_ids, args.neurons,
+                                                                  args.means_data, args.means_sequences)):
+            entry["neurons"] = neurons
     print(json.dumps(doc, ensure_ascii=False) if args.json else _summary(doc))
     return 0
+
+
+def _load(spec: str, device: str, dtype: str):
+    """A model from a CLI spec: an existing local path, or a hub id / registry name with an optional @revision."""
+    source, revision = (spec, None) if os.path.exists(os.path.expanduser(spec)) else parse_spec(spec)
+    return load_model(source, revision, device=device, dtype=dtype, name=spec)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -571,6 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_make_demo(args)
         if args.command == "study":
             return _run_study(args)
+        if args.command == "patch":
+            return run_patch(args, _load)
         return _run_compare(args)
     except NolnError as err:
         print(f"error: {err}", file=sys.stderr)
