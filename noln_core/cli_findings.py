@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from .errors import InputError
 from .findings.neurons import (
     NeuronAblation, NeuronSignature, ablation_summary, corpus_means, neuron_ablation, neuron_signature,
+    parse_neurons,
 )
 from .findings.patching import Patching
 from .model import DTYPES, LoadedModel
@@ -36,19 +37,6 @@ def add_neuron_arguments(cmp: argparse.ArgumentParser) -> None:
                           "used lucabaroni/apollo-pile-filtered-10k)")
     cmp.add_argument("--means-sequences", type=int, default=250,
                      help="sequences of 512 tokens (or the context) averaged for the means (default 250, the papers')")
-
-
-def parse_neurons(value: str) -> tuple[int, ...] | None:
-    """``marked`` -> None (each model's own); else comma-separated neuron indices."""
-    if value.strip() == "marked":
-        return None
-    try:
-        out = tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"--neurons takes neuron indices such as 584,2123 or 'marked', not {value!r}") from None
-    if not out:
-        raise InputError("--neurons names no neuron")
-    return out
 
 
 def signature_json(sig: NeuronSignature, neurons: Sequence[int]) -> dict[str, Any]:

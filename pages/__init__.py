@@ -49,6 +49,8 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec("residual-norms", "Residual norms", ":material/straighten:"),
     PageSpec("attribution", "Attribution", ":material/extension:"),
     PageSpec("attention", "Attention", ":material/visibility:"),
+    PageSpec("neurons", "Entropy neurons", ":material/tune:"),
+    PageSpec("patching", "Patching", ":material/healing:"),
     PageSpec("study", "Study", ":material/query_stats:"),
     PageSpec("about", "About", ":material/menu_book:"),
 )

@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here; tests never touch the network
+if "NOLN_CACHE_DIR" not in os.environ:  # results kept between runs (neuron means) go to a folder of the test run
+    import tempfile
+
+    os.environ["NOLN_CACHE_DIR"] = tempfile.mkdtemp(prefix="noln-test-cache-")
 
 from checkpoints import exploding_gpt2, neutralise, random_gpt2, save  # noqa: E402
 

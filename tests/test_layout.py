@@ -4,11 +4,12 @@ The layers, lowest first (README, "Design"):
   core      noln_core/*.py (errors, paths, model, tokenizer, checkpoint, divergence, readout, registry, loading,
             store, compare, corpus)
   analyses  noln_core/analyses/
+  findings  noln_core/findings/ (the papers' other findings: runs on loaded models, beside the analyses)
   viz       noln_core/viz/
   training  noln_core/training/
   study     noln_core/study/ (training and study: the scale-out consumers, beside viz)
   teaching  noln_core/teaching/ (guided tours, beside viz)
-  entry     noln_core/__init__.py, __main__.py, cli.py
+  entry     noln_core/__init__.py, __main__.py, cli.py, cli_findings.py
 and the app above all of them (app.py, pages/), which no module of noln_core imports.
 """
 
@@ -23,8 +24,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "noln_core"
-ENTRY = {"noln_core", "noln_core.__main__", "noln_core.cli"}
-RANK = {"core": 0, "analyses": 1, "viz": 2, "training": 2, "study": 2, "teaching": 2, "entry": 3}
+ENTRY = {"noln_core", "noln_core.__main__", "noln_core.cli", "noln_core.cli_findings"}
+RANK = {"core": 0, "analyses": 1, "findings": 1, "viz": 2, "training": 2, "study": 2, "teaching": 2, "entry": 3}
 
 
 def module_name(path: Path) -> str:
@@ -70,7 +71,7 @@ GRAPH = {module_name(p): imports(p) for p in SOURCES}
 
 def test_every_module_is_in_a_named_layer():
     assert {layer(m) for m in GRAPH} == set(RANK)
-    for sub in ("analyses", "viz", "training", "study", "teaching"):
+    for sub in ("analyses", "findings", "viz", "training", "study", "teaching"):
         assert (PACKAGE / sub / "__init__.py").is_file()
 
 

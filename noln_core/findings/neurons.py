@@ -62,6 +62,19 @@ MEANS_SEQUENCES = 250
 MEANS_SEQ_LEN = 512
 
 
+def parse_neurons(value: str) -> tuple[int, ...] | None:
+    """``marked`` -> None (each model's own marked neurons); else comma-separated neuron indices."""
+    if value.strip() == "marked":
+        return None
+    try:
+        out = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"neurons are numbers such as 584,2123 (or 'marked'), not {value[:40]!r}") from None
+    if not out:
+        raise InputError("no neuron given: type numbers such as 584,2123, or 'marked'")
+    return out
+
+
 def papers_neurons(model: LoadedModel) -> tuple[str, tuple[int, ...]] | None:
     """``(size, neurons)`` the papers ablate when ``model`` has GPT-2 small's or medium's shape, else None."""
     i = model.info

@@ -96,6 +96,18 @@ class Patching:
         return values / self.normaliser if self.normaliser != 0 else np.zeros_like(values)
 
 
+def swapped_prompt(text: str, answer: str, counterfactual: str) -> str:
+    """``text`` with the answer's and the counterfactual's words swapped everywhere (whole words): the default
+    corrupted prompt, e.g. ``When Mary and John ..., John gave a drink to`` -> ``When John and Mary ..., Mary gave
+    a drink to``, whose answer is the counterfactual."""
+    import re
+
+    a, b = answer.strip(), counterfactual.strip()
+    if not a or not b or a == b:
+        return text
+    return re.sub(rf"\b({re.escape(a)}|{re.escape(b)})\b", lambda m: b if m.group(0) == a else a, text)
+
+
 def _ids(model: LoadedModel, text_or_ids, prepend_bos: bool) -> list[int]:
     from ..tokenizer import tokenize
 

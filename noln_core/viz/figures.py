@@ -60,7 +60,7 @@ TICKS_PX = 130
 """Room under a token axis for its labels, turned -60° (16 characters at most)."""
 
 
-def _position_axis(fig: go.Figure, tokens: Sequence[str], row=None, col=None, offset: int = 0) -> None:
+def position_axis(fig: go.Figure, tokens: Sequence[str], row=None, col=None, offset: int = 0) -> None:
     n = len(tokens)
     step = max(1, math.ceil(n / 60))
     ticks = list(range(0, n, step))
@@ -68,14 +68,14 @@ def _position_axis(fig: go.Figure, tokens: Sequence[str], row=None, col=None, of
                      ticktext=[token_label(tokens[t]) for t in ticks], tickangle=-60, row=row, col=col)
 
 
-def _grid_axes(fig: go.Figure, n_layers: int, n_heads: int) -> None:
+def grid_axes(fig: go.Figure, n_layers: int, n_heads: int) -> None:
     """Integer ticks on layer × head grids, thinned for the large models."""
     fig.update_xaxes(title_text="head", dtick=max(1, math.ceil(n_heads / 25)))
     fig.update_yaxes(dtick=max(1, math.ceil(n_layers / 25)), autorange="reversed")
     fig.update_yaxes(title_text="layer", row=1, col=1)  # once, at the left: a later panel's would sit on its neighbour
 
 
-def _symmetric(*arrays: np.ndarray) -> float:
+def symmetric(*arrays: np.ndarray) -> float:
     finite = [np.abs(a[np.isfinite(a)]).max() for a in arrays if a is not None and np.isfinite(a).any()]
     return float(max(finite)) if finite and max(finite) > 0 else 1.0
 
@@ -87,7 +87,7 @@ def _log_ticks(lo: float, hi: float) -> np.ndarray:
     return inside if inside.size >= 2 else np.array([10**lo, 10**hi])
 
 
-def _hover_tokens(tokens: Sequence[str]) -> list[str]:
+def hover_tokens(tokens: Sequence[str]) -> list[str]:
     return [safe(repr(t)) for t in tokens]
 
 
@@ -98,7 +98,7 @@ def loss_strip(analysis: NextTokenAnalysis, tokens: Sequence[str]) -> go.Figure:
     plot_px = ROW_PX * rows + TITLE_GAP_PX * (rows - 1)  # a fixed gap in pixels holds each panel's title
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=TITLE_GAP_PX / plot_px,
                         subplot_titles=[model_label(i, m.name) for i, m in enumerate(models)] + (["B − A"] if analysis.pairs else []))
-    next_tokens = _hover_tokens(tokens[1:])
+    next_tokens = hover_tokens(tokens[1:])
     zmax = max(float(np.nanmax(m.loss)) if m.loss.size else 1.0 for m in models)
     for i, m in enumerate(models):
         fig.add_trace(go.Heatmap(z=[m.loss], x=np.arange(len(m.loss)), zmin=0, zmax=zmax, colorscale=SEQUENTIAL,
@@ -107,14 +107,14 @@ def loss_strip(analysis: NextTokenAnalysis, tokens: Sequence[str]) -> go.Figure:
                       row=i + 1, col=1)
     if analysis.pairs:
         diff = analysis.pairs[0].loss_diff
-        bound = _symmetric(diff)
+        bound = symmetric(diff)
         fig.add_trace(go.Heatmap(z=[diff], x=np.arange(len(diff)), zmin=-bound, zmax=bound, zmid=0,
                                  colorscale=DIVERGING, customdata=[next_tokens],
                                  colorbar=dict(title="B − A", y=0.2, len=0.4),
                                  hovertemplate="pos %{x} → %{customdata}<br>Δloss %{z:+.3f}<extra></extra>"),
                       row=rows, col=1)
     fig.update_yaxes(showticklabels=False)
-    _position_axis(fig, tokens[1:], row=rows, col=1)
+    position_axis(fig, tokens[1:], row=rows, col=1)
     fig.update_layout(height=plot_px + 90 + TICKS_PX, title="Per-token loss (predicting the next token)",
                       margin=dict(t=90, b=TICKS_PX))
     return fig
@@ -129,7 +129,7 @@ def divergence_chart(analysis: NextTokenAnalysis, tokens: Sequence[str]) -> go.F
         fig.add_trace(go.Scatter(x=x, y=pair.kl_ab, name=f"KL({a}‖{b})", mode="lines+markers"))
         fig.add_trace(go.Scatter(x=x, y=pair.kl_ba, name=f"KL({b}‖{a})", mode="lines+markers"))
         fig.add_trace(go.Scatter(x=x, y=pair.js, name=f"JS({a}, {b})", mode="lines+markers"))
-    _position_axis(fig, tokens)
+    position_axis(fig, tokens)
     fig.update_layout(title="Divergence of next-token distributions per position", yaxis_title="nats",
                       legend=dict(orientation="h", y=-0.45), height=420)
     return fig
@@ -166,7 +166,7 @@ def norm_heatmaps(norms: Sequence[ResidualNorms], tokens: Sequence[str], include
                                  colorbar=dict(title="‖resid‖", tickvals=np.log10(ticks), ticktext=[f"{t:g}" for t in ticks]),
                                  hovertemplate="%{y}, pos %{x}<br>norm %{customdata:.4g}<extra></extra>"),
                       row=1, col=i + 1)
-        _position_axis(fig, tokens[start:], row=1, col=i + 1, offset=start)
+        position_axis(fig, tokens[start:], row=1, col=i + 1, offset=start)
         fig.update_yaxes(showticklabels=i == 0, row=1, col=i + 1)  # the same layers: labelled once, at the left
     fig.update_layout(title="Residual-stream norm (log colour scale shared by all models)", height=460)
     return fig
@@ -177,13 +177,13 @@ def norm_ratio_heatmap(norms: Sequence[ResidualNorms], tokens: Sequence[str], in
     start = 0 if include_bos else 1
     a, b = norms[0].hidden[:, start:], norms[1].hidden[:, start:]
     ratio = np.log2(np.maximum(b, 1e-12) / np.maximum(a, 1e-12))
-    bound = _symmetric(ratio)
+    bound = symmetric(ratio)
     L = a.shape[0] - 1
     fig = go.Figure(go.Heatmap(z=ratio, x=np.arange(start, start + a.shape[1]), y=[f"L{i} pre" for i in range(L)] + ["final"],
                                zmin=-bound, zmax=bound, zmid=0, colorscale=DIVERGING, customdata=b / np.maximum(a, 1e-12),
                                colorbar=dict(title="log₂ B/A"),
                                hovertemplate="%{y}, pos %{x}<br>B/A = %{customdata:.3g}<extra></extra>"))
-    _position_axis(fig, tokens[start:], offset=start)
+    position_axis(fig, tokens[start:], offset=start)
     fig.update_layout(title=f"Norm ratio B / A ({model_label(1, norms[1].name)} over {model_label(0, norms[0].name)})", height=420)
     return fig
 
@@ -204,7 +204,7 @@ def ln_scale_heatmap(norm: ResidualNorms, tokens: Sequence[str], include_bos: bo
     fig = go.Figure(go.Heatmap(z=z, x=np.arange(start, start + z.shape[1]), y=labels, colorscale=SEQUENTIAL,
                                customdata=np.stack(rows), colorbar=dict(title="log₁₀ scale"),
                                hovertemplate="%{y}, pos %{x}<br>divides by %{customdata:.4g}<extra></extra>"))
-    _position_axis(fig, tokens[start:], offset=start)
+    position_axis(fig, tokens[start:], offset=start)
     fig.update_layout(title=f"LayerNorm scales of {safe(norm.name)}", height=max(360, 14 * len(labels) + 150))
     return fig
 
@@ -228,13 +228,13 @@ def head_heatmaps(dlas: Sequence[DirectLogitAttribution]) -> go.Figure:
     if len(dlas) >= 2:
         grids.append(dlas[1].heads - dlas[0].heads)
         titles.append("B − A")
-    bound = _symmetric(*grids)
+    bound = symmetric(*grids)
     fig = make_subplots(rows=1, cols=len(grids), subplot_titles=titles, horizontal_spacing=0.05)
     for i, g in enumerate(grids):
         fig.add_trace(go.Heatmap(z=g, zmin=-bound, zmax=bound, zmid=0, colorscale=DIVERGING, showscale=i == 0,
                                  colorbar=dict(title="DLA"),
                                  hovertemplate="L%{y} H%{x}<br>%{z:+.4f}<extra></extra>"), row=1, col=i + 1)
-    _grid_axes(fig, *grids[0].shape)
+    grid_axes(fig, *grids[0].shape)
     fig.update_layout(title="DLA per head (one symmetric scale for all panels)", height=420)
     return fig
 
@@ -242,20 +242,20 @@ def head_heatmaps(dlas: Sequence[DirectLogitAttribution]) -> go.Figure:
 def head_source_heatmaps(dlas: Sequence[DirectLogitAttribution], layer: int, tokens: Sequence[str]) -> go.Figure:
     """For one layer: each head's DLA split by source token, per model, on one symmetric scale."""
     grids = [d.head_source[layer] for d in dlas]
-    bound = _symmetric(*grids)
+    bound = symmetric(*grids)
     # Each panel has its own token axis (labels turned -60°) and the next panel's title below it: a gap in pixels.
     gap = TICKS_PX + TITLE_GAP_PX
     plot_px = 220 * len(dlas) + gap * (len(dlas) - 1)
     fig = make_subplots(rows=len(dlas), cols=1, subplot_titles=[model_label(i, d.name) for i, d in enumerate(dlas)],
                         vertical_spacing=gap / plot_px if len(dlas) > 1 else 0.0)
-    hover = _hover_tokens(tokens)
+    hover = hover_tokens(tokens)
     for i, g in enumerate(grids):
         fig.add_trace(go.Heatmap(z=g, x=np.arange(g.shape[1]), zmin=-bound, zmax=bound, zmid=0, colorscale=DIVERGING,
                                  showscale=i == 0, colorbar=dict(title="DLA"),
                                  customdata=np.array([hover] * g.shape[0]),
                                  hovertemplate=f"L{layer}H%{{y}} from pos %{{x}} %{{customdata}}<br>%{{z:+.4f}}<extra></extra>"),
                       row=i + 1, col=1)
-        _position_axis(fig, tokens, row=i + 1, col=1)
+        position_axis(fig, tokens, row=i + 1, col=1)
         fig.update_yaxes(title_text="head", dtick=max(1, math.ceil(g.shape[0] / 25)), row=i + 1, col=1)
     fig.update_layout(title=f"Layer {layer}: DLA of each head by source token", height=plot_px + 90 + TICKS_PX,
                       margin=dict(t=90, b=TICKS_PX))
@@ -265,7 +265,7 @@ def head_source_heatmaps(dlas: Sequence[DirectLogitAttribution], layer: int, tok
 def dla_vs_direct_effect(effects: Sequence[HeadDirectEffect]) -> go.Figure:
     """Each head's DLA against its true direct effect; points on the diagonal are exact."""
     fig = go.Figure()
-    lim = _symmetric(*[e.dla for e in effects], *[e.direct_effect for e in effects])
+    lim = symmetric(*[e.dla for e in effects], *[e.direct_effect for e in effects])
     fig.add_trace(go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", name="DLA = direct effect",
                              line=dict(color="grey", dash="dot")))
     for i, e in enumerate(effects):
@@ -289,7 +289,7 @@ def attention_patterns(names: Sequence[str], patterns: Sequence[np.ndarray], lay
     shown = list(enumerate(zip(names, patterns)))
     fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[model_label(i, name) for i, (name, _) in shown],
                         horizontal_spacing=0.08)
-    hover = _hover_tokens(tokens)
+    hover = hover_tokens(tokens)
     for i, (_, (_, pattern)) in enumerate(shown):
         pat = pattern.astype(float).copy()
         pat[np.triu_indices_from(pat, k=1)] = np.nan
@@ -297,7 +297,7 @@ def attention_patterns(names: Sequence[str], patterns: Sequence[np.ndarray], lay
         fig.add_trace(go.Heatmap(z=pat, zmin=0, zmax=1, colorscale=SEQUENTIAL, showscale=i == 0, customdata=custom,
                                  colorbar=dict(title="attention"),
                                  hovertemplate="%{customdata}<br>%{z:.3f}<extra></extra>"), row=1, col=i + 1)
-        _position_axis(fig, tokens, row=1, col=i + 1)
+        position_axis(fig, tokens, row=1, col=i + 1)
         n = len(tokens)
         step = max(1, math.ceil(n / 40))
         fig.update_yaxes(tickmode="array", tickvals=list(range(0, n, step)),
@@ -318,7 +318,7 @@ def sink_heatmaps(summaries: Sequence[AttentionSummary]) -> go.Figure:
                                  hovertemplate="L%{y} H%{x}<br>%{z:.3f} of attention on position 0, averaged over "
                                                "every position<extra></extra>"),
                       row=1, col=i + 1)
-    _grid_axes(fig, *summaries[0].to_first.shape)
+    grid_axes(fig, *summaries[0].to_first.shape)
     fig.update_layout(title=f"Attention to the first token, mean over all positions (sink: > {summaries[0].threshold:.0%})",
                       height=420)
     return fig

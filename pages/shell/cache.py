@@ -10,6 +10,8 @@
   they count towards the budget;
 * one head's attention pattern per model, computed when the Attention page
   first shows it and kept with its run: runs keep no full patterns;
+* the papers' other findings: each model's neuron signature and corpus means (per model, in memory, and the means
+  on disk under ``noln_core.paths.CACHE_DIR``), a run's neuron ablation and patching maps (kept with the run);
 * a run that chose its own target (new text, no answer yet) is filed under
   the chosen target's key too, so the rerun that follows finds it: editing the
   text runs each model once.
@@ -222,3 +224,48 @@ def analysis(fn: Callable[..., Any], key: RunKey, result: RunResult, **options: 
     and kept with the run."""
     name = f"{fn.__module__}.{fn.__qualname__}" + "".join(f":{k}={v}" for k, v in sorted(options.items()))
     return _kept_with_run(key, result, name, lambda: fn(result, **options))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def neuron_signature(spec: str, device: str, dtype: str):
+    """A model's last-layer neuron signature (:func:`noln_core.findings.neurons.neuron_signature`), once per model."""
+    from noln_core.findings.neurons import neuron_signature as compute
+
+    with st.spinner(f"Neuron signature of {spec}…"):
+        return compute(load(spec, device, dtype))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def neuron_means(spec: str, device: str, dtype: str, sequences: int):
+    """A model's last-layer means over the bundled held-out sample, once per model (and on disk)."""
+    from noln_core.corpus import parse_corpus
+    from noln_core.findings.neurons import corpus_means
+    from noln_core.paths import CACHE_DIR
+
+    with st.spinner(f"Mean activations of {spec} over the bundled sample ({sequences} sequences)…"):
+        return corpus_means(load(spec, device, dtype), parse_corpus("demo"), sequences=sequences,
+                            cache_dir=CACHE_DIR / "neuron-means")
+
+
+def neuron_ablations(specs: tuple, key: RunKey, result: RunResult, neurons: tuple[tuple[int, ...], ...],
+                     sequences: int) -> list:
+    """Each model's mean ablation of its ``neurons`` on the run's tokens, kept with the run."""
+    from noln_core.findings.neurons import neuron_ablation
+
+    def compute() -> list:
+        return [neuron_ablation(load(*spec), result.token_ids, chosen, neuron_means(*spec, sequences))
+                for spec, chosen in zip(specs, neurons)]
+
+    return _kept_with_run(key, result, f"neurons:{neurons}:{sequences}", compute)
+
+
+def patchings(specs: tuple, key: RunKey, result: RunResult, corrupted: str, answer: str, counterfactual: str) -> list:
+    """Each model's activation and attribution patching of the run's text into ``corrupted``, kept with the run."""
+    from noln_core.findings.patching import patching
+
+    def compute() -> list:
+        with st.spinner("Patching: activation (one run per cell, batched) and attribution (one backward pass)…"):
+            return [patching(load(*spec), result.text, corrupted, answer, counterfactual, result.prepend_bos)
+                    for spec in specs]
+
+    return _kept_with_run(key, result, f"patching:{corrupted}:{answer}:{counterfactual}", compute)

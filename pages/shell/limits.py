@@ -36,6 +36,10 @@ class Limits:
     """The largest corpus file the Study page accepts (it is kept in memory, never written to disk)."""
     study_cache_mb: int | None = None
     """Disk the Study page's saved studies may take (None: no cap); the least recently used go first."""
+    patch_max_tokens: int = 256
+    """The Patching page's longest prompt pair (activation patching runs ``n x layers`` short passes)."""
+    means_max_sequences: int = 250
+    """The Neurons page's most sequences for the ablation means (the papers' 250)."""
 
 
 def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
@@ -74,6 +78,8 @@ def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
         study_max_tokens=number("NOLN_STUDY_MAX_TOKENS", "study_max_tokens", 32_768 if hosted else None),
         study_max_upload_mb=number("NOLN_STUDY_MAX_UPLOAD_MB", "study_max_upload_mb", 5 if hosted else 10),
         study_cache_mb=number("NOLN_STUDY_CACHE_MB", "study_cache_mb", 500 if hosted else None),
+        patch_max_tokens=number("NOLN_PATCH_MAX_TOKENS", "patch_max_tokens", 64 if hosted else 256),
+        means_max_sequences=number("NOLN_MEANS_MAX_SEQUENCES", "means_max_sequences", 50 if hosted else 250),
     )
 
 

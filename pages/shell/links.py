@@ -74,6 +74,10 @@ class AppState:
     attn_head: int = 0
     norms_first: bool = True
     """Residual-norms page: include the first token."""
+    neurons: str = "marked"
+    """Neurons page: the last-layer neurons ablated, ``marked`` (each model's own) or indices ``584,2123``."""
+    corrupted: str | None = None
+    """Patching page: the corrupted prompt (None: the text with the answer and counterfactual swapped)."""
     present: bool = False
     """Presentation mode: larger text and figures, sidebar collapsed on opening (for lectures)."""
     tour: str | None = None
@@ -186,6 +190,19 @@ def parse_query(params, allow_local: bool = True, base: AppState | None = None, 
                 notes.append(f"ignored {key}: use 1 or 0")
             else:
                 changes[key] = _flag(value)
+    neurons = get("neurons")
+    if neurons is not None:
+        value = neurons.replace(" ", "")
+        if value == "marked" or (0 < len(value) <= 200 and all(x.isdigit() and len(x) <= 6 for x in value.split(","))):
+            changes["neurons"] = value
+        else:
+            notes.append("ignored neurons: use 'marked' or neuron numbers such as 584,2123")
+    corrupted = get("corrupted")
+    if corrupted is not None:
+        if 0 < len(corrupted) <= max_text_chars and "\x00" not in corrupted:
+            changes["corrupted"] = corrupted
+        else:
+            notes.append(f"ignored corrupted: it must be 1 to {max_text_chars} characters")
     tour = get("tour")
     if tour is not None:
         if tour in shipped_tours():
@@ -232,6 +249,10 @@ def to_query(state: AppState) -> dict[str, str]:
         query["attr_vbias"] = state.attr_vbias
     query.update({"attn_layer": str(state.attn_layer), "attn_head": str(state.attn_head),
                   "norms_first": "1" if state.norms_first else "0"})
+    if state.neurons != "marked":
+        query["neurons"] = state.neurons
+    if state.corrupted is not None:
+        query["corrupted"] = state.corrupted
     if state.present:
         query["present"] = "1"
     if state.tour is not None or state.page == "tour":

@@ -104,3 +104,20 @@ def analysis(fn: Callable[..., Any], **options: Any) -> Any:
     """A cached analysis of the current run: pass the function, e.g. ``analysis(next_token)``, and its options."""
     key, result = st.session_state[_RUN]
     return cache.analysis(fn, key, result, **options)
+
+
+def run_specs() -> tuple[tuple[str, str, str], ...]:
+    """The current run's models as (spec, device, dtype), in the run's order."""
+    return st.session_state[_SPECS]
+
+
+def neuron_ablations(neurons: tuple[tuple[int, ...], ...], sequences: int) -> list:
+    """Each model's mean ablation of its neurons on the current run's text (cached with the run)."""
+    key, result = st.session_state[_RUN]
+    return cache.neuron_ablations(run_specs(), key, result, neurons, sequences)
+
+
+def patchings(corrupted: str, answer: str, counterfactual: str) -> list:
+    """Each model's patching of the current text into ``corrupted`` (cached with the run)."""
+    key, result = st.session_state[_RUN]
+    return cache.patchings(run_specs(), key, result, corrupted, answer, counterfactual)

@@ -48,7 +48,7 @@ def test_compare_reports_the_neurons_of_each_model(capsys, ln_dir, noln_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--neurons", "x,y"], "--neurons takes neuron indices"),
+    (["--neurons", "x,y"], "neurons are numbers such as 584,2123"),
     (["--neurons", "99999"], "does not exist"),
     (["--neurons", "3", "--means-data", "/no/such/corpus.txt"], "no such corpus"),
 ])
