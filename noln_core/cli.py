@@ -295,6 +295,10 @@ def _parser() -> argparse.ArgumentParser:
     nb.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|>")
     nb.add_argument("--page", default="overview", choices=list(NOTEBOOK_VIEWS), help="the view (default overview)")
     nb.add_argument("--layer", type=int, default=0, help="attribution: the layer of the head x source heatmap")
+    nb.add_argument("--neurons", default="marked", help="neurons: the last-layer neurons ablated (default marked)")
+    nb.add_argument("--means-sequences", type=int, default=250, help="neurons: sequences for the means")
+    nb.add_argument("--corrupted", default=None,
+                    help="patching: the corrupted prompt (default: the text with answer and counterfactual swapped)")
     nb.add_argument("--device", default="cpu")
     nb.add_argument("--dtype", default="float32", choices=list(DTYPES))
     nb.add_argument("--out", required=True, metavar="FILE.ipynb|FILE.py")
@@ -505,6 +509,7 @@ def _run_study(args: argparse.Namespace) -> int:
 def _run_notebook(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .findings.patching import swapped_prompt
     from .notebook import View, notebook_json, view_script
 
     out = Path(os.path.expanduser(args.out))
@@ -518,7 +523,10 @@ def _run_notebook(args: argparse.Namespace) -> int:
         raise InputError("the text is empty: pass --text 'some words'")
     view = View(models=tuple(args.model or default_pair()), text=args.text, answer=args.answer,
                 counterfactual=args.counterfactual, position=args.position, bos=not args.no_bos, page=args.page,
-                device=args.device, dtype=args.dtype, options={"layer": args.layer})
+                device=args.device, dtype=args.dtype,
+                options={"layer": args.layer, "neurons": args.neurons, "means_sequences": args.means_sequences,
+                         "corrupted": args.corrupted if args.corrupted is not None else swapped_prompt(
+                             args.text, args.answer or "", args.counterfactual or "")})
     try:
         content = notebook_json(view) if out.suffix == ".ipynb" else view_script(view)
     except ValueError as err:

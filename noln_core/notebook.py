@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-VIEWS = ("overview", "logit-difference", "residual-norms", "attribution", "attention")
+VIEWS = ("overview", "logit-difference", "residual-norms", "attribution", "attention", "neurons", "patching")
 """The pages a notebook reproduces (the Study and About pages have their own exports)."""
 
 
@@ -37,7 +37,7 @@ class View:
     """What the first cell pip-installs when the kernel lacks ``noln_core`` (default: :func:`install_source`)."""
     options: dict = field(default_factory=dict)
     """Page controls: ``layer`` (attribution source heatmap, attention), ``head`` (attention), ``value_bias``
-    (attribution: ``head`` or ``b_O``)."""
+    (attribution: ``head`` or ``b_O``), ``neurons`` and ``means_sequences`` (neurons), ``corrupted`` (patching)."""
 
 
 PACKAGE = "noln-explorer"
@@ -91,6 +91,30 @@ figures.head_source_heatmaps(dla, LAYER, result.tokens).show()
 figures.dla_vs_direct_effect(effects).show()
 numbers = {"logit_diff": [d.logit_diff for d in dla], "dla_constant": [d.constant for d in dla],
            "dla_error": [d.error for d in dla], "direct_effect_nmae": [e.nmae for e in effects]}''',
+    "neurons": '''from noln_core.corpus import parse_corpus
+from noln_core.findings.neurons import ablation_summary, corpus_means, neuron_ablation, neuron_signature, parse_neurons
+from noln_core.viz import findings
+
+chosen = parse_neurons(NEURONS)
+signatures = [neuron_signature(m) for m in models]
+shown = [s.marked if chosen is None else chosen for s in signatures]
+means = [corpus_means(m, parse_corpus("demo"), sequences=MEANS_SEQUENCES) for m in models]  # the bundled sample
+ablations = [neuron_ablation(m, result.token_ids, n, mu) for m, n, mu in zip(models, shown, means)]
+findings.signature_scatter(signatures, shown).show()
+findings.ablation_parts(ablations, result.tokens).show()
+numbers = {"neurons": [list(a.neurons) for a in ablations], "loss_total": [a.loss_total for a in ablations],
+           "loss_direct": [a.loss_direct for a in ablations], "loss_via_ln": [a.loss_via_ln for a in ablations],
+           "via_ln_share": [[x.via_ln_share for x in ablation_summary(a)] for a in ablations]}''',
+    "patching": '''from noln_core.findings.patching import patching
+from noln_core.viz import findings
+
+patched = [patching(m, TEXT, CORRUPTED, ANSWER, COUNTERFACTUAL, PREPEND_BOS) for m in models]
+findings.patching_heatmaps(patched, result.tokens).show()
+findings.patching_scatter(patched).show()
+findings.head_patching_heatmaps(patched).show()
+numbers = {"resid_act": [p.resid_act for p in patched], "resid_attr": [p.resid_attr for p in patched],
+           "z_act": [p.z_act for p in patched], "z_attr": [p.z_attr for p in patched],
+           "normaliser": [p.normaliser for p in patched]}''',
     "attention": '''summaries = attention(result)
 figures.sink_heatmaps(summaries).show()
 numbers = {"sink_rate": [s.sink_rate for s in summaries], "sink_rate_papers": [s.sink_rate_papers for s in summaries]}''',
@@ -100,7 +124,7 @@ numbers = {"sink_rate": [s.sink_rate for s in summaries], "sink_rate_papers": [s
 def _cells(view: View) -> list[tuple[str, str]]:
     if view.page not in VIEWS:
         raise ValueError(f"no notebook for page {view.page!r}: choose from {', '.join(VIEWS)}")
-    if view.page in ("logit-difference", "attribution") and not (view.answer and view.counterfactual):
+    if view.page in ("logit-difference", "attribution", "patching") and not (view.answer and view.counterfactual):
         raise ValueError(f"the {view.page} view needs an answer and a counterfactual token")
     title = view.page.replace("-", " ").capitalize()
     setup = "\n".join([
@@ -112,6 +136,9 @@ def _cells(view: View) -> list[tuple[str, str]]:
         f"LAYER = {int(view.options.get('layer', 0))!r}",
         *([f"VALUE_BIAS = {str(view.options.get('value_bias', 'head'))!r}  # 'b_O': the papers' convention"]
           if view.page == "attribution" else []),
+        *([f"NEURONS = {str(view.options.get('neurons', 'marked'))!r}  # 'marked': the papers' (or the top 3)",
+           f"MEANS_SEQUENCES = {int(view.options.get('means_sequences', 250))!r}"] if view.page == "neurons" else []),
+        *([f"CORRUPTED = {str(view.options.get('corrupted') or '')!r}"] if view.page == "patching" else []),
         f"DEVICE, DTYPE = {view.device!r}, {view.dtype!r}",
     ])
     return [

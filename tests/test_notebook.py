@@ -58,6 +58,35 @@ def test_cli_notebook_runs_and_equals_compare_json(tmp_path, capsys, models, pag
         assert numbers["dla_error"][1] < 1e-4  # LN-free: exact
 
 
+def test_neurons_and_patching_notebooks_equal_the_cli(tmp_path, capsys, models):
+    """The two findings pages' notebooks print what ``compare --neurons --json`` and ``patch --json`` print."""
+    common = ["--text", TEXT, "--answer", " Mary", "--counterfactual", " John",
+              *[x for m in models for x in ("--model", m)]]
+    numbers = {}
+    for page in ("neurons", "patching"):
+        out = tmp_path / f"{page}.ipynb"
+        assert main(["notebook", *common, "--page", page, "--neurons", "3,17", "--out", str(out)]) == 0
+        capsys.readouterr()
+        numbers[page] = run_notebook(out)
+    assert main(["compare", "--text", TEXT, "--neurons", "3,17", "--json", "--device", "cpu",
+                 *[x for m in models for x in ("--model", m)]]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for i, m in enumerate(doc["models"]):
+        ab = m["neurons"]["ablation"]
+        assert numbers["neurons"]["neurons"][i] == ab["neurons"] == [3, 17]
+        assert np.allclose(numbers["neurons"]["loss_total"][i], ab["loss_total"], atol=1e-9)
+        assert np.allclose(numbers["neurons"]["loss_via_ln"][i], ab["loss_via_ln"], atol=1e-9)
+        assert numbers["neurons"]["via_ln_share"][i] == pytest.approx([x["via_ln_share"] for x in ab["summary"]])
+    assert not np.any(numbers["neurons"]["loss_via_ln"][1])  # LN-free: exactly 0
+    assert main(["patch", "--clean", TEXT, "--corrupted", "When John and Mary went to the store, Mary gave a drink to",
+                 "--answer", " Mary", "--counterfactual", " John", "--json", *[x for m in models for x in ("--model", m)]]) == 0
+    patched = json.loads(capsys.readouterr().out)["models"]
+    for i, p in enumerate(patched):
+        assert np.allclose(numbers["patching"]["resid_act"][i], p["resid_act"], atol=1e-6)
+        assert np.allclose(numbers["patching"]["resid_attr"][i], p["resid_attr"], atol=1e-6)
+        assert numbers["patching"]["normaliser"][i] == pytest.approx(p["normaliser"], abs=1e-6)
+
+
 def test_script_runs_offline_on_the_demo_models_and_writes_its_figures(tmp_path, capsys):
     out = tmp_path / "view.py"
     assert main(["notebook", "--model", "demo:gpt2-kjv", "--model", "demo:gpt2-kjv-noLN", "--text", TEXT,

@@ -11,6 +11,7 @@ import torch
 
 import noln_core
 from noln_core import RunResult
+from noln_core.findings.patching import swapped_prompt
 from noln_core.notebook import VIEWS, View, install_source, notebook_json, view_script
 from pages.shell import limits
 from pages.shell.links import AppState, share_link
@@ -68,12 +69,16 @@ def current_view(result: RunResult, s: AppState, tour_figure: str | None = None)
     page = TOUR_VIEWS.get(tour_figure or "", "overview") if s.page == "tour" else s.page
     if page not in VIEWS:
         return None
-    if page == "attribution" and not (s.answer and s.counterfactual):
+    if page in ("attribution", "patching") and not (s.answer and s.counterfactual):
         page = "overview"
     return View(models=tuple(m for m in (s.model_a, s.model_b, s.model_c) if m), text=s.text,
                 answer=s.answer or None, counterfactual=s.counterfactual or None, position=result.position,
                 bos=s.bos, page=page, device="cpu", dtype=s.dtype, install=install_source(limits.LIMITS.hosted),
-                options={"layer": source_layer(s.attr_layer, result.runs[0].info.n_layers), "value_bias": s.attr_vbias})
+                options={"layer": source_layer(s.attr_layer, result.runs[0].info.n_layers), "value_bias": s.attr_vbias,
+                         "neurons": s.neurons, "means_sequences": min(s.means_sequences,
+                                                                      limits.LIMITS.means_max_sequences),
+                         "corrupted": s.corrupted if s.corrupted is not None else swapped_prompt(
+                             s.text, s.answer or "", s.counterfactual or "")})
 
 
 def open_in_python(result: RunResult) -> None:

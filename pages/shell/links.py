@@ -76,6 +76,8 @@ class AppState:
     """Residual-norms page: include the first token."""
     neurons: str = "marked"
     """Neurons page: the last-layer neurons ablated, ``marked`` (each model's own) or indices ``584,2123``."""
+    means_sequences: int = 250
+    """Neurons page: sequences of the bundled sample the ablation means are taken over (the papers' 250)."""
     corrupted: str | None = None
     """Patching page: the corrupted prompt (None: the text with the answer and counterfactual swapped)."""
     present: bool = False
@@ -197,6 +199,12 @@ def parse_query(params, allow_local: bool = True, base: AppState | None = None, 
             changes["neurons"] = value
         else:
             notes.append("ignored neurons: use 'marked' or neuron numbers such as 584,2123")
+    sequences = get("means_sequences")
+    if sequences is not None:
+        if sequences.isdigit() and 1 <= int(sequences) <= 10_000:
+            changes["means_sequences"] = int(sequences)
+        else:
+            notes.append(f"ignored means_sequences {sequences[:20]!r}: use a number of sequences from 1")
     corrupted = get("corrupted")
     if corrupted is not None:
         if 0 < len(corrupted) <= max_text_chars and "\x00" not in corrupted:
@@ -251,6 +259,8 @@ def to_query(state: AppState) -> dict[str, str]:
                   "norms_first": "1" if state.norms_first else "0"})
     if state.neurons != "marked":
         query["neurons"] = state.neurons
+    if state.means_sequences != 250:
+        query["means_sequences"] = str(state.means_sequences)
     if state.corrupted is not None:
         query["corrupted"] = state.corrupted
     if state.present:

@@ -25,11 +25,11 @@ if result is not None:
                        "1108), else each model's top three by the papers' ratio ‖w_out‖ / LogitVar. Or numbers, "
                        "such as 584,2123.")
     most = limits.LIMITS.means_max_sequences
-    sequences = st.slider("Sequences of the bundled held-out sample for the means", min(10, most), most,
-                          min(250, most), step=10, key="w_means_sequences",
-                          help="Mean ablation puts each neuron's mean activation over a corpus in its place. The "
-                               "papers used 250 sequences of 512 tokens of the Pile; offline this is the bundled "
-                               "sample (the CLI's --means-data takes any corpus). Computed once per model.")
+    sequences = bound("means_sequences", st.slider, "Sequences of the bundled held-out sample for the means",
+                      min(10, most), most, step=10, clamp=lambda v: min(max(int(v), min(10, most)), most),
+                      help="Mean ablation puts each neuron's mean activation over a corpus in its place. The papers "
+                           "used 250 sequences of 512 tokens of the Pile; offline this is the bundled sample (the "
+                           "CLI's --means-data takes any corpus). Computed once per model.")
     try:
         chosen = parse_neurons(value)
         signatures = [cache.neuron_signature(*spec) for spec in specs]
