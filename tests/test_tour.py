@@ -21,10 +21,10 @@ question = "Why?"
 """
 
 
-def test_the_shipped_tour_tells_the_story_in_six_steps():
+def test_the_shipped_tour_tells_the_story_in_eight_steps():
     assert "ln-free-story" in shipped_tours()
     assert [s.figure for s in SHIPPED.steps] == ["predictions", "first-token-norm", "dla", "dla-vs-direct-effect",
-                                                "attention-sinks", "parting"]
+                                                "attention-sinks", "entropy-neurons", "patching", "parting"]
     assert all(s.question.text.strip() and s.notice.text.strip() for s in SHIPPED.steps)
     assert SHIPPED.steps[-1].link_page == "study"
     assert all(s.answer and s.counterfactual for s in SHIPPED.steps if s.figure in ("dla", "dla-vs-direct-effect"))
@@ -36,8 +36,29 @@ def runs(ln_model, noln_model):
             for i, s in enumerate(SHIPPED.steps)}
 
 
-def test_facts_are_the_analyses_of_the_live_run(runs):
-    facts = {i: step_facts(SHIPPED.steps[i], r) for i, r in runs.items()}
+@pytest.fixture(scope="module")
+def findings(ln_model, noln_model):
+    """``findings(result)(kind)`` as the app gives it: marked neurons' ablation, patching into the swapped text."""
+    from noln_core.corpus import parse_corpus
+    from noln_core.findings.neurons import corpus_means, neuron_ablation, neuron_signature
+    from noln_core.findings.patching import patching, swapped_prompt
+
+    models = [ln_model, noln_model]
+
+    def of(result):
+        def compute(kind):
+            if kind == "neurons":
+                return [neuron_ablation(m, result.token_ids, neuron_signature(m).marked,
+                                        corpus_means(m, parse_corpus("demo"), sequences=20)) for m in models]
+            t = result.target
+            return [patching(m, result.text, swapped_prompt(result.text, t.answer, t.counterfactual), t.answer,
+                             t.counterfactual) for m in models]
+        return compute
+    return of
+
+
+def test_facts_are_the_analyses_of_the_live_run(runs, findings):
+    facts = {i: step_facts(SHIPPED.steps[i], r, findings=findings(r)) for i, r in runs.items()}
     nt = next_token(runs[0])
     assert facts[0]["loss_a"] == nt.models[0].mean_loss and facts[0]["agreement"] == 100 * nt.pairs[0].agreement
     norms = residual_norms(runs[1])
@@ -49,12 +70,16 @@ def test_facts_are_the_analyses_of_the_live_run(runs):
     assert facts[3]["nmae_a"] == 100 * effects[0].nmae and facts[3]["nmae_b"] < 1e-6
     sinks = attention(runs[4])
     assert facts[4]["sink_rate_papers_b"] == 100 * sinks[1].sink_rate_papers
-    assert facts[5]["max_loss_gap"] == max(nt_pair for nt_pair in next_token(runs[5]).pairs[0].loss_diff)
+    assert facts[5]["via_ln_b"] == 0.0 and facts[5]["via_ln_a"] > 0  # the LN-free model: exactly 0
+    assert facts[5]["neurons_a"] and facts[5]["neuron_loss_a"] > 0
+    assert facts[6]["final_gap_b"] < 1e-5 < facts[6]["final_gap_a"] and facts[6]["patch_nmae_a"] > 0
+    assert facts[7]["max_loss_gap"] == max(nt_pair for nt_pair in next_token(runs[7]).pairs[0].loss_diff)
+    assert "via_ln_a" not in step_facts(SHIPPED.steps[5], runs[5])  # without the models: a dash in the text
 
 
-def test_step_text_carries_the_live_numbers_and_nothing_is_missing(runs):
+def test_step_text_carries_the_live_numbers_and_nothing_is_missing(runs, findings):
     for i, step in enumerate(SHIPPED.steps):
-        facts = step_facts(step, runs[i])
+        facts = step_facts(step, runs[i], findings=findings(runs[i]))
         notice, weak, question = step_text(step, facts)
         assert "—" not in notice and "{" not in notice, (i, notice)
         for name in FIGURES[step.figure]:
@@ -101,9 +126,9 @@ def test_bad_tour_files_get_one_clear_line(text, message):
 
 def test_a_copied_and_edited_tour_loads(tmp_path):
     copy = tmp_path / "my-tour.toml"
-    copy.write_text(shipped_tours()["ln-free-story"].read_text().replace("in six steps", "for my class"))
+    copy.write_text(shipped_tours()["ln-free-story"].read_text().replace("in eight steps", "for my class"))
     tour = load_tour(copy)
-    assert tour.name == "my-tour" and tour.title.endswith("for my class") and len(tour.steps) == 6
+    assert tour.name == "my-tour" and tour.title.endswith("for my class") and len(tour.steps) == 8
     with pytest.raises(TourError, match="no tour 'nope'"):
         load_tour("nope")
 

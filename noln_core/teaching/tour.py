@@ -47,11 +47,13 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "dla": ("logit_diff", "dla_sum", "constant", "dla_error"),
     "dla-vs-direct-effect": ("nmae",),
     "attention-sinks": ("sink_rate", "sink_rate_papers"),
+    "entropy-neurons": ("via_ln", "neuron_loss", "neurons"),
+    "patching": ("patch_nmae", "final_gap"),
     "parting": ("max_loss_gap", "max_gap_token", "max_gap_position", "mean_kl"),
 }
 """Each figure a step can show, and the facts (without model suffix) it provides."""
 
-NEEDS_TARGET = {"dla", "dla-vs-direct-effect"}
+NEEDS_TARGET = {"dla", "dla-vs-direct-effect", "patching"}
 """Figures that need an answer and a counterfactual token."""
 
 PAIR_FACTS = {"agreement", "kl", "loss_gap", "max_loss_gap", "max_gap_token", "max_gap_position", "mean_kl"}
@@ -319,11 +321,15 @@ def load_tour(name_or_path: str | Path, **checks) -> Tour:
     return parse_tour(text, path.stem, **checks)
 
 
-def step_facts(step: TourStep, result, analyse=None) -> dict[str, float | str]:
+def step_facts(step: TourStep, result, analyse=None, findings=None) -> dict[str, float | str]:
     """The facts of ``step``'s figure on a live run (see :data:`FIGURES`).
 
     ``analyse(fn)`` runs an analysis of ``result`` (default ``fn(result)``); the app passes its cached one, so the
-    figure and the text share each analysis.
+    figure and the text share each analysis.  The papers' other findings need the models themselves:
+    ``findings("neurons")`` gives each model's :class:`~noln_core.findings.neurons.NeuronAblation` of its marked
+    neurons on the run's tokens, ``findings("patching")`` each model's
+    :class:`~noln_core.findings.patching.Patching` of the text into its answer-swapped copy; without ``findings``
+    those steps' facts are missing (shown as a dash).
     """
     analyse = analyse or (lambda fn: fn(result))
     facts: dict[str, float | str] = {}
@@ -354,6 +360,17 @@ def step_facts(step: TourStep, result, analyse=None) -> dict[str, float | str]:
     elif step.figure == "dla-vs-direct-effect":
         for letter, e in zip(letters, analyse(head_direct_effects) or ()):
             facts[f"nmae_{letter}"] = 100 * e.nmae
+    elif step.figure == "entropy-neurons" and findings is not None:
+        from ..findings.neurons import ablation_summary
+
+        for letter, a in zip(letters, findings("neurons")):
+            joint = ablation_summary(a)[-1]
+            facts.update({f"via_ln_{letter}": 100 * joint.via_ln_share, f"neuron_loss_{letter}": joint.loss_mean,
+                          f"neurons_{letter}": ", ".join(str(n) for n in a.neurons)})
+    elif step.figure == "patching" and findings is not None:
+        for letter, p in zip(letters, findings("patching")):
+            facts.update({f"patch_nmae_{letter}": 100 * p.resid_agreement.nmae,
+                          f"final_gap_{letter}": float(abs(p.resid_attr[-1, -1] - p.resid_act[-1, -1]))})
     elif step.figure == "attention-sinks":
         for letter, s in zip(letters, analyse(attention)):
             facts.update({f"sink_rate_{letter}": 100 * s.sink_rate, f"sink_rate_papers_{letter}": 100 * s.sink_rate_papers})

@@ -8,11 +8,12 @@ from noln_core.analyses import attention, direct_logit_attribution, head_direct_
 from noln_core.errors import InputError
 from noln_core.tokenizer import decode_utf8
 from noln_core.teaching.tour import MAX_TOUR_BYTES, Tour, TourError, TourStep, load_tour, parse_tour, shipped_tours
-from noln_core.viz import figures, tables
-from pages.shell import limits
+from noln_core.findings.patching import swapped_prompt
+from noln_core.viz import figures, findings, tables
+from pages.shell import cache, limits
 from pages.shell.display import figure, md
 from pages.shell.links import valid_model_spec
-from pages.shell.runs import analysis
+from pages.shell.runs import analysis, neuron_ablations, patchings, run_specs
 from pages.shell.state import queue_state, request_state, set_state, state
 
 _CUSTOM = "_custom_tour"
@@ -197,6 +198,27 @@ def step_figure(step: TourStep, result) -> None:
     elif step.figure == "attention-sinks":
         summaries = analysis(attention)
         figure(figures.sink_heatmaps(summaries), "tour_sinks", tables.attention_frame(summaries))
+    elif step.figure == "entropy-neurons":
+        ablations = step_findings(result)("neurons")
+        figure(findings.ablation_parts(ablations, result.tokens), "tour_neurons", findings.ablation_frame(ablations))
+    elif step.figure == "patching" and result.target is not None:
+        results = step_findings(result)("patching")
+        figure(findings.patching_heatmaps(results, result.tokens), "tour_patching",
+               findings.patching_frame(results, result.tokens))
+
+
+def step_findings(result):
+    """``findings(kind)`` for :func:`noln_core.teaching.tour.step_facts`: each model's ablation of its marked
+    neurons, or patching of the text into its answer-swapped copy, through the app's caches (shared with the
+    Entropy neurons and Patching pages)."""
+    def compute(kind: str) -> list:
+        if kind == "neurons":
+            marked = tuple(cache.neuron_signature(*spec).marked for spec in run_specs())
+            return neuron_ablations(marked, min(250, limits.LIMITS.means_max_sequences))
+        answer, counterfactual = result.target.answer, result.target.counterfactual
+        return patchings(swapped_prompt(result.text, answer, counterfactual), answer, counterfactual)
+
+    return compute
 
 
 def inert_facts(facts: dict) -> dict:

@@ -2,11 +2,14 @@
 
 import streamlit as st
 
+from noln_core import NolnError
 from noln_core.teaching.tour import TourError, step_facts, step_text
 from pages import PAGES
 from pages.shell.display import md
 from pages.shell.runs import analysis, current_run
-from pages.shell.tour import apply_step, chosen_tour, current_step, go, inert_facts, restore_button, step_figure
+from pages.shell.tour import (
+    apply_step, chosen_tour, current_step, go, inert_facts, restore_button, step_figure, step_findings,
+)
 
 tour = chosen_tour()
 if tour is not None:
@@ -20,9 +23,9 @@ if tour is not None:
     st.subheader(step.title)
     result = current_run()
     try:
-        text = step_text(step, inert_facts(step_facts(step, result, analysis)), f"tour {tour.name!r}, step {index}") \
-            if result is not None else None
-    except TourError as err:
+        text = step_text(step, inert_facts(step_facts(step, result, analysis, step_findings(result))),
+                         f"tour {tour.name!r}, step {index}") if result is not None else None
+    except (TourError, NolnError) as err:  # a bad tour file; a step the models cannot run (one line)
         st.error(md(str(err)), icon=":material/error:")
         text = None
     if result is not None and text is not None:

@@ -25,10 +25,13 @@ SHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-PAGES_SHOWN = PAGES = [("Overview", "Overview: what each model predicts", 2), ("Tour", "What removing LayerNorm changes, in six steps", 1),
+PAGES_SHOWN = PAGES = [("Overview", "Overview: what each model predicts", 2), ("Tour", "What removing LayerNorm changes, in eight steps", 1),
          ("Logit difference", "Logit difference and its logit lens", 1),
          ("Residual norms", "Residual-stream norms", 3), ("Attribution", "Attribution: who wrote the logit difference?", 4),
-         ("Attention", "Attention and attention sinks", 2), ("Study", "Study: a corpus, many models", 0),
+         ("Attention", "Attention and attention sinks", 2),
+         ("Entropy neurons", "Entropy neurons: do they still work without LayerNorm?", 2),
+         ("Patching", "Patching: is attribution patching exact without LayerNorm?", 3),
+         ("Study", "Study: a corpus, many models", 0),
          ("About", "About noLN Explorer", 0)]
 
 
@@ -324,7 +327,7 @@ def test_a_teacher_loads_an_edited_tour_and_a_broken_one_gets_an_error_box(serve
     from noln_core.teaching.tour import shipped_tours
 
     edited = tmp_path / "my-class.toml"
-    edited.write_text(shipped_tours()["ln-free-story"].read_text().replace("in six steps", "for my class"))
+    edited.write_text(shipped_tours()["ln-free-story"].read_text().replace("in eight steps", "for my class"))
     broken = tmp_path / "broken.toml"
     broken.write_text(edited.read_text().replace('figure = "dla"', 'figure = "heatmap"'))
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
