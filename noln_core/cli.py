@@ -267,6 +267,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="prepend <|endoftext|> to every sequence (the papers do not; see the README)")
     st.add_argument("--metrics", default=None,
                     help="comma list of " + ",".join(METRICS) + " (default all; ce is always measured)")
+    st.add_argument("--neurons", nargs="?", const="marked", default=None, metavar="N,N,...|marked",
+                    help="also mean-ablate these last-layer neurons over the same sequences (ablate_all_models.py): "
+                         "mean |Δloss| and |Δentropy| with intervals, split into direct and through-the-final-LN "
+                         "parts; 'marked' (alone): the papers' neurons for GPT-2 small and medium, else the top three")
     st.add_argument("--nmae-target", default=None, choices=list(NMAE_TARGETS),
                     help="last-token: the papers' definition (default); logit-diff: this app's")
     st.add_argument("--pairs", default="all", choices=["all", "first"], help="compare all pairs, or each with the first")
@@ -440,7 +444,8 @@ def _study_plan(args: argparse.Namespace):
         max_tokens=pick(args.max_tokens, figure and figure.max_tokens, None), bos=pick(args.bos, figure and figure.bos,
                                                                                      False),
         metrics=tuple(sorted(set(metrics) | {"ce"}, key=METRICS.index)),
-        nmae_target=pick(args.nmae_target, figure and figure.nmae_target, "last-token"))
+        nmae_target=pick(args.nmae_target, figure and figure.nmae_target, "last-token"),
+        neurons=pick(args.neurons, figure and figure.neurons, None))
 
 
 def _run_study(args: argparse.Namespace) -> int:
@@ -493,17 +498,51 @@ def _run_study(args: argparse.Namespace) -> int:
                        restart=args.restart, progress=progress, log=lambda m: print(m, file=sys.stderr))
     if bar is not None:
         bar.close()
+    neurons = None
+    if plan["neurons"] is not None and (result is None or result.complete):  # every process takes part
+        neurons = _neuron_study(models, plan, world)
     if result is None:  # not rank 0
         return 0
     # A stopped study writes no files: the same command resumes it, into the same --out.
     doc = (write_outputs(result, out, positions=args.positions) if out is not None and result.complete
            else to_json(result, positions=args.positions))
-    print(json.dumps(doc, ensure_ascii=False) if args.json else markdown(doc))
+    text = markdown(doc)
+    if neurons is not None:
+        from dataclasses import asdict
+
+        from .study.neurons import neuron_markdown
+
+        doc["neurons"] = json_safe(asdict(neurons))
+        text += neuron_markdown(neurons)
+        if out is not None:
+            (out / "study.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1))
+            (out / "study.md").write_text(text)
+    print(json.dumps(doc, ensure_ascii=False) if args.json else text)
     if not result.complete:
         print(f"error: stopped after {result.n_sequences} sequences; what was done is saved: run the same command "
               "again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _neuron_study(models, plan: dict, world):
+    """The study's neuron ablations, over the study's own sequences (tokenised again, the same way, here)."""
+    import tempfile
+    from pathlib import Path
+
+    from .corpus import prepare_chunks
+    from .findings.neurons import parse_neurons
+    from .study.engine import default_seq_len
+    from .study.neurons import neuron_study
+
+    chosen = parse_neurons(plan["neurons"])
+    seq_len = plan["seq_len"] or default_seq_len(models)
+    ref = models[0]
+    with tempfile.TemporaryDirectory(prefix="noln-neurons-") as tmp:
+        chunks = prepare_chunks(plan["corpus"], ref.tokenizer, Path(tmp), seq_len, bos=plan["bos"],
+                                max_tokens=plan["max_tokens"], eot_id=ref.info.bos_token_id, d_vocab=ref.info.d_vocab)
+        sequences = np.array(chunks.tokens(), dtype=np.int64)
+    return neuron_study(models, sequences, chosen, world)
 
 
 def _run_notebook(args: argparse.Namespace) -> int:

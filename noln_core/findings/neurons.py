@@ -60,6 +60,8 @@ NULL_K = 10
 MEANS_SEQUENCES = 250
 """Sequences of the papers' means (``ablate_all_models.py``, line 46: 250 samples of 512 tokens, no BOS)."""
 MEANS_SEQ_LEN = 512
+POSITION_CHUNK = 16
+"""Positions whose vocabulary-wide rows an ablation handles at a time (16 x 50257 floats: a few MB, in cache)."""
 
 
 def parse_neurons(value: str) -> tuple[int, ...] | None:
@@ -259,7 +261,7 @@ def corpus_means(model: LoadedModel, corpus, seq_len: int | None = None, sequenc
 class NeuronAblation:
     """Mean ablation of last-layer neurons on one text (``n`` tokens, ``R`` rows: each neuron, then all together).
 
-    Every change is *ablated minus clean*; ``total = direct + via_ln`` holds exactly by construction, and for an
+    Every change is *ablated minus clean*; ``total = direct + via_ln`` holds to rounding by construction, and for an
     LN-free model ``via_ln`` is exactly 0.
     """
 
@@ -302,12 +304,22 @@ class NeuronAblation:
             assert not self.loss_via_ln.any() and not self.entropy_via_ln.any() and self.scale_change is None
 
 
-def _stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss at positions with a target, entropy at every position) of (n, V) logits, exact (no +1e-10)."""
-    logp = torch.log_softmax(logits.double(), -1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    loss = -logp[:-1].gather(-1, targets[:, None])[:, 0]
-    return loss, entropy
+def _changes(p: torch.Tensor, plogp: torch.Tensor, delta: torch.Tensor,
+             targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(change of the loss of ``targets``, change of the entropy) at each position when logits with probabilities
+    ``p`` (and ``plogp = p * log p``, both (n, V)) move by ``delta``, computed from ``delta`` itself so that small
+    changes keep their precision in float32: ``Δlse = log(sum p e^Δ / sum p)``, ``Δloss = Δlse - Δ[target]`` and,
+    with ``x = e^(Δ - Δlse) - 1`` formed element by element (so that ``p' = p (1 + x)``),
+    ``ΔH = Δlse - sum p x log p - sum p (1 + x) Δ``: every sum adds small terms, so each change is exact to about
+    1e-7 nats however small it is.  One buffer, a dozen fast passes over the vocabulary; ``delta`` is kept."""
+    dot = torch.linalg.vecdot
+    buf = torch.exp(delta)
+    dlse = torch.log(dot(p, buf) / p.sum(-1))
+    x = buf.mul_(torch.exp(-dlse)[:, None]).sub_(1.0)
+    d_entropy = dlse - dot(plogp, x)
+    d_entropy -= dot(x.add_(1.0).mul_(p), delta)  # sum p' Δ, with p' = p (1 + x)
+    d_loss = dlse - delta.gather(-1, targets[:, None])[:, 0]
+    return d_loss.double(), d_entropy.double()
 
 
 def neuron_ablation(model: LoadedModel, token_ids: Sequence[int], neurons: Sequence[int],
@@ -331,7 +343,7 @@ def neuron_ablation(model: LoadedModel, token_ids: Sequence[int], neurons: Seque
     post_name, resid_name = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_resid_post"
     kept: dict[str, torch.Tensor] = {}
     ids = torch.as_tensor([list(token_ids)], dtype=torch.long)
-    logits = model.forward(ids, observer=kept.__setitem__, wants={post_name, resid_name}.__contains__)[0].double()
+    logits = model.forward(ids, observer=kept.__setitem__, wants={post_name, resid_name}.__contains__)[0]
     x = kept[resid_name][0].double()  # (n, d)
     idx = torch.tensor(neurons, device=x.device)
     act = kept[post_name][0][:, idx].double()  # (n, K)
@@ -340,30 +352,51 @@ def neuron_ablation(model: LoadedModel, token_ids: Sequence[int], neurons: Seque
     with torch.inference_mode():
         w_out = w.W_out[layer][idx].double()  # (K, d)
         cw = w_out - w_out.mean(-1, keepdim=True)  # the final LN (or the LN-free readout) centres
-        g = (cw * w.w_U.double()) @ w.W_U_rows.double().T  # (K, V): each neuron's write, unembedded
-        b = w.b_U.double()
+        g = ((cw * w.w_U.double()).float() @ w.W_U_rows.float().T)  # (K, V): each neuron's write, unembedded
+        b = w.b_U.float()
         centred = x - x.mean(-1, keepdim=True)
         targets = ids[0, 1:].to(x.device)
-        clean_loss, clean_entropy = _stats(logits, targets)
         rows = [(i,) for i in range(len(neurons))] + ([tuple(range(len(neurons)))] if len(neurons) > 1 else [])
-        out = {k: [] for k in ("lt", "ld", "et", "ed", "sc")}
         s_old = (centred.pow(2).mean(-1, keepdim=True) + info.eps).sqrt() if not model.ln_free else None
-        for row in rows:
-            r = list(row)
-            shift = delta[:, r] @ g[r]  # (n, V)
-            if model.ln_free:
-                s_before = s_after = torch.ones_like(x[:, :1])
-            else:
-                c_new = centred + delta[:, r] @ cw[r]
-                s_before, s_after = s_old, (c_new.pow(2).mean(-1, keepdim=True) + info.eps).sqrt()
-                out["sc"].append((s_after / s_before - 1)[:, 0])
-            for frozen_scale, loss_key, ent_key in ((False, "lt", "et"), (True, "ld", "ed")):
-                s_new = s_before if frozen_scale else s_after
-                ablated = (s_before / s_new) * (logits - b) + shift / s_new + b
-                loss, entropy = _stats(ablated, targets)
-                out[loss_key].append(loss - clean_loss)
-                out[ent_key].append(entropy - clean_entropy)
-    stack = {k: torch.stack(v).cpu() if v else None for k, v in out.items()}
+        n = logits.shape[0]
+        # (R, n) results; the loss has no target at the last position (its column is dropped at the end)
+        out = {k: torch.zeros(len(rows), n, dtype=torch.float64) for k in ("lt", "ld", "et", "ed", "sc")}
+        clean_loss, clean_entropy = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        padded = torch.cat([targets, targets[:1]])  # a stand-in target for the last position
+        for start in range(0, n, POSITION_CHUNK):  # a few positions at a time: the vocabulary-wide rows stay in cache
+            c = slice(start, min(start + POSITION_CHUNK, n))
+            z = logits[c].float()
+            logp = torch.log_softmax(z, -1)
+            p = logp.exp()
+            plogp = p * logp
+            clean_loss[c] = -logp.gather(-1, padded[c, None])[:, 0].double().cpu()
+            clean_entropy[c] = -plogp.sum(-1, dtype=torch.float64).cpu()
+            del logp
+            zb = z - b if not model.ln_free else None
+            for k, row in enumerate(rows):
+                r = list(row)
+                shift = delta[c][:, r].float() @ g[r]  # (c, V): the ablation's write, unembedded, before any scale
+                if model.ln_free:  # no scale: direct and total are one computation, through the LN exactly 0
+                    loss, entropy = _changes(p, plogp, shift, padded[c])
+                    for key, value in (("lt", loss), ("ld", loss), ("et", entropy), ("ed", entropy)):
+                        out[key][k, c] = value.cpu()
+                    continue
+                c_new = centred[c] + delta[c][:, r] @ cw[r]
+                s_new = (c_new.pow(2).mean(-1, keepdim=True) + info.eps).sqrt()
+                out["sc"][k, c] = (s_new / s_old[c] - 1)[:, 0].cpu()
+                # the scale recomputed: z' - b = (s_old / s_new) (z - b) + shift / s_new
+                total = (shift / s_new.float()).addcmul_(zb, (s_old[c] / s_new - 1).float())
+                loss, entropy = _changes(p, plogp, total, padded[c])
+                out["lt"][k, c], out["et"][k, c] = loss.cpu(), entropy.cpu()
+                direct = shift.div_(s_old[c].float())  # the clean scale, frozen
+                loss, entropy = _changes(p, plogp, direct, padded[c])
+                out["ld"][k, c], out["ed"][k, c] = loss.cpu(), entropy.cpu()
+    clean_loss = clean_loss[:-1]
+    for key in ("lt", "ld"):
+        out[key] = out[key][:, :-1]
+    if model.ln_free:
+        out["sc"] = None
+    stack = out
     labels = tuple(f"neuron {neurons[r[0]]}" if len(r) == 1 else f"all {len(r)}" for r in rows)
     return NeuronAblation(
         name=info.name, ln_free=model.ln_free, neurons=neurons, labels=labels,

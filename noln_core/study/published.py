@@ -67,6 +67,8 @@ class Figure:
     """Pair metric -> ``{(i, j): value}`` over the model columns."""
     note: str = ""
     cite: str = "Baroni et al. 2025"
+    neurons: str | None = None
+    """Last-layer neurons mean-ablated over the same sequences (``study --neurons``), as ``N,N,N``."""
 
     def settings(self) -> dict:
         """The settings a study must share with this figure for its numbers to be comparable."""
@@ -156,10 +158,23 @@ def _norms(size: str) -> Figure:
              "norm grows to about 3,100-3,600, in LN-free models it stays around 300-500. No table of numbers.")
 
 
+def _neurons(size: str) -> Figure:
+    neurons = {"small": "584,2123,2870", "medium": "3144,1083,1108"}[size]
+    return Figure(
+        name=f"neurons-{size}", title=f"Entropy neurons: mean ablation, GPT-2 {size}", paper=BARONI_2025,
+        source="mech_interp/entropy_neurons/ablate_all_models.py lines 24-296, 498-549 (load_dataset.py lines "
+               "59-60, 72-82: Pile-filtered shuffle(seed=42).take(250), first 512 tokens, no BOS)",
+        models=SIZES[size], dataset=PILE_FILTERED, sampling=Sampling("first-tokens", rows=250, seed=42), seq_len=512,
+        metrics=("ce",), neurons=neurons,
+        note=f"Published as box plots (figures/{size}/all_models_loss_effect.png, all_models_entropy_effect.png) "
+             f"of |Δ CE| and |Δ entropy| per token for neurons {neurons.replace(',', ', ')}: large with LN, none "
+             "without. No table of numbers.")
+
+
 FIGURES: dict[str, Figure] = {f.name: f for f in (
     *(_ce(size, corpus) for size in SIZES for corpus in ("owt", "pile", "pile-filtered")),
     _nmae("small"), _nmae("medium"), _inference("small"), _inference("medium"), _sinks(), _norms("small"),
-    _norms("medium"),
+    _norms("medium"), _neurons("small"), _neurons("medium"),
 )}
 """Every figure ``study --reproduce`` knows, by name."""
 

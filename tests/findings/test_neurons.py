@@ -42,7 +42,7 @@ def test_mean_ablation_equals_the_papers_script_and_its_ln_part_is_exactly_zero_
         np.testing.assert_allclose(np.abs(got.loss_total[r]), want_loss, rtol=2e-3, atol=3e-6)
         np.testing.assert_allclose(np.abs(got.entropy_total[r][:-1]), want_ent, rtol=2e-3, atol=3e-6)
     assert got.labels[-1] == "all 3" and got.rows[-1] == tuple(neurons)
-    np.testing.assert_array_equal(got.loss_total, got.loss_direct + got.loss_via_ln)
+    np.testing.assert_allclose(got.loss_total, got.loss_direct + got.loss_via_ln, rtol=0, atol=1e-15)
     if ln_free:
         assert not got.loss_via_ln.any() and not got.entropy_via_ln.any()  # exactly 0, not small
         np.testing.assert_array_equal(got.loss_direct, got.loss_total)
