@@ -304,7 +304,7 @@ class NeuronAblation:
             assert not self.loss_via_ln.any() and not self.entropy_via_ln.any() and self.scale_change is None
 
 
-def _changes(p: torch.Tensor, plogp: torch.Tensor, delta: torch.Tensor,
+def _changes(p: torch.Tensor, plogp: torch.Tensor, logp: torch.Tensor, delta: torch.Tensor,
              targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(change of the loss of ``targets``, change of the entropy) at each position when logits with probabilities
     ``p`` (and ``plogp = p * log p``, both (n, V)) move by ``delta``, computed from ``delta`` itself so that small
@@ -319,7 +319,14 @@ def _changes(p: torch.Tensor, plogp: torch.Tensor, delta: torch.Tensor,
     d_entropy = dlse - dot(plogp, x)
     d_entropy -= dot(x.add_(1.0).mul_(p), delta)  # sum p' Δ, with p' = p (1 + x)
     d_loss = dlse - delta.gather(-1, targets[:, None])[:, 0]
-    return d_loss.double(), d_entropy.double()
+    d_loss, d_entropy = d_loss.double(), d_entropy.double()
+    bad = ~(torch.isfinite(d_loss) & torch.isfinite(d_entropy))
+    if bad.any():  # e^Δ overflowed (an exploding token): those positions directly, log-sum-exp in float64
+        old = logp[bad].double()
+        new = torch.log_softmax(old + delta[bad].double(), -1)
+        d_loss[bad] = (old - new).gather(-1, targets[bad][:, None])[:, 0]
+        d_entropy[bad] = (old.exp() * old).sum(-1) - (new.exp() * new).sum(-1)
+    return d_loss, d_entropy
 
 
 def neuron_ablation(model: LoadedModel, token_ids: Sequence[int], neurons: Sequence[int],
@@ -371,13 +378,12 @@ def neuron_ablation(model: LoadedModel, token_ids: Sequence[int], neurons: Seque
             plogp = p * logp
             clean_loss[c] = -logp.gather(-1, padded[c, None])[:, 0].double().cpu()
             clean_entropy[c] = -plogp.sum(-1, dtype=torch.float64).cpu()
-            del logp
             zb = z - b if not model.ln_free else None
             for k, row in enumerate(rows):
                 r = list(row)
                 shift = delta[c][:, r].float() @ g[r]  # (c, V): the ablation's write, unembedded, before any scale
                 if model.ln_free:  # no scale: direct and total are one computation, through the LN exactly 0
-                    loss, entropy = _changes(p, plogp, shift, padded[c])
+                    loss, entropy = _changes(p, plogp, logp, shift, padded[c])
                     for key, value in (("lt", loss), ("ld", loss), ("et", entropy), ("ed", entropy)):
                         out[key][k, c] = value.cpu()
                     continue
@@ -386,10 +392,10 @@ def neuron_ablation(model: LoadedModel, token_ids: Sequence[int], neurons: Seque
                 out["sc"][k, c] = (s_new / s_old[c] - 1)[:, 0].cpu()
                 # the scale recomputed: z' - b = (s_old / s_new) (z - b) + shift / s_new
                 total = (shift / s_new.float()).addcmul_(zb, (s_old[c] / s_new - 1).float())
-                loss, entropy = _changes(p, plogp, total, padded[c])
+                loss, entropy = _changes(p, plogp, logp, total, padded[c])
                 out["lt"][k, c], out["et"][k, c] = loss.cpu(), entropy.cpu()
                 direct = shift.div_(s_old[c].float())  # the clean scale, frozen
-                loss, entropy = _changes(p, plogp, direct, padded[c])
+                loss, entropy = _changes(p, plogp, logp, direct, padded[c])
                 out["ld"][k, c], out["ed"][k, c] = loss.cpu(), entropy.cpu()
     clean_loss = clean_loss[:-1]
     for key in ("lt", "ld"):

@@ -35,6 +35,9 @@ SCRIPTS = {
                     bos=False),
     "ce-pile-filtered": dict(dataset=PILE_FILTERED, method="pile-eval", rows=10_000, seed=42, chunk=1024,
                              streaming=False, seq_len=1024, bos=False),
+    # entropy_neurons/ablate_all_models.py, lines 44-50: DataLoader("luca-pile", max_context=512, num_samples=250,
+    # prepend_bos=False), which load_dataset.py (lines 59-60, 72-82) reads as shuffle(seed=42).take(250).
+    "neurons": dict(dataset=PILE_FILTERED, method="first-tokens", rows=250, seed=42, seq_len=512, bos=False),
     # prepare_dataset.py, lines 17-50: test_size 0.0005, seed 2357, batches of 512, num_proc 32, chunks of 1024.
     "ce-owt": dict(dataset=OPENWEBTEXT, method="owt-eval", test_size=0.0005, split_seed=2357, shards=32,
                    batch_rows=512, chunk=1024, seq_len=1024, bos=False),
@@ -132,8 +135,13 @@ def test_each_figure_runs_with_the_papers_settings_and_sequences(name, hub, caps
     assert {k: sampling[k] for k in want if k in sampling} == {k: v for k, v in want.items() if k in sampling}
     assert figure.models == SIZES[name.split("-")[1] if name.startswith("ce-") else name.split("-")[-1]]
     # The run: offline, every model from the (fake) hub cache, the dataset through the mocked reader.
+    # The tiny checkpoints have 192 neurons a layer: the papers' neuron numbers are checked, then small ones run.
+    extra = []
+    if figure.neurons:
+        assert figure.neurons == {"small": "584,2123,2870", "medium": "3144,1083,1108"}[name.split("-")[-1]]
+        extra = ["--neurons", "3,17"]
     code = main(["study", "--reproduce", name, "--device", "cpu", "--batch", "2", "--bootstrap", "20",
-                 "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "out")])
+                 "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "out"), *extra])
     out, err = capsys.readouterr()
     assert code == 0, err
     doc = json.loads((tmp_path / "out" / "study.json").read_text())
@@ -143,6 +151,12 @@ def test_each_figure_runs_with_the_papers_settings_and_sequences(name, hub, caps
     assert set(figure.metrics) <= set(doc["settings"]["metrics"])
     if "nmae" in figure.metrics:
         assert doc["settings"]["nmae_target"] == "last-token" and doc["settings"]["value_bias"]["counted_in"] == "b_O"
+    if figure.neurons:
+        ablated = doc["neurons"]["models"]
+        assert [m["neurons"] for m in ablated] == [[3, 17]] * 3 and ablated[2]["ln_free"]
+        assert doc["neurons"]["sequences"] == doc["n_sequences"]
+        assert all(e["loss_via_ln"]["mean"] == 0 for e in ablated[2]["effects"])  # LN-free: exactly 0
+        assert all(e["loss_via_ln"]["mean"] > 0 for e in ablated[0]["effects"])
     # The same sequences as the papers' own data loading, in the same order.
     corpus = parse_corpus(figure.dataset, figure.column, figure.split, sampling=figure.sampling)
     chunks = np.asarray(prepare_chunks(corpus, gpt2_tokenizer(), tmp_path / "chunks", figure.seq_len,

@@ -33,8 +33,8 @@ def models(ln_dir, noln_dir, exploding_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def doc_and_files(models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    proc = subprocess.run([sys.executable, "-m", "noln_core", "study", *models,
-                           *ARGS, "--json", "--out", str(tmp / "out"), "--state-dir", str(tmp / "state")],
+    proc = subprocess.run([sys.executable, "-m", "noln_core", "study", *models, *ARGS, "--neurons", "3,17",
+                           "--json", "--out", str(tmp / "out"), "--state-dir", str(tmp / "state")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), tmp / "out", tmp
@@ -122,13 +122,13 @@ def test_markdown_prints_published_numbers_only_with_the_figures_settings(doc_an
 
 def test_two_processes_equal_one(doc_and_files, models):
     """``accelerate launch`` with 2 processes (gloo on the CPU) gives the 1-process JSON, but for ``processes``,
-    losses of millions of nats included."""
+    losses of millions of nats and the neuron ablations included."""
     one, _, tmp = doc_and_files
     accelerate = shutil.which("accelerate")
     assert accelerate, "accelerate is a requirement"
     proc = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "noln_core", "study", *models, *ARGS,
+         "--dynamo_backend", "no", "-m", "noln_core", "study", *models, *ARGS, "--neurons", "3,17",
          "--json", "--state-dir", str(tmp / "state2")],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -136,6 +136,9 @@ def test_two_processes_equal_one(doc_and_files, models):
     assert two["processes"] == 2
     assert [p.name for p in (tmp / "state2").rglob("*") if p.is_file()] == ["result.pt"]  # the shards merged, then gone
     two["processes"] = one["processes"]
+    assert two["neurons"]["processes"] == 2 and one["neurons"]["processes"] == 1
+    two["neurons"]["processes"] = 1
+    assert one["neurons"]["models"][1]["effects"][0]["loss"]["mean"] > 0
     assert two == one
 
 
