@@ -20,7 +20,10 @@ from .analyses import (
     attention, direct_logit_attribution, head_direct_effects, logit_difference, next_token, residual_norms,
 )
 from .analyses.attribution import VALUE_BIAS
-from .cli_findings import add_neuron_arguments, add_patch_parser, neurons_entries, neurons_summary, run_patch
+from .cli_findings import (
+    add_benchmark_parser, add_neuron_arguments, add_patch_parser, neurons_entries, neurons_summary, run_benchmark_cli,
+    run_patch,
+)
 from .compare import RunResult, compare
 from .errors import InputError, NolnError
 from .loading import load_model
@@ -167,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", action="store_true", help="print the full JSON report instead of a summary")
     add_neuron_arguments(cmp)
     add_patch_parser(sub)
+    add_benchmark_parser(sub)
     sub.add_parser("models", help="list the registry of known models")
     rm = sub.add_parser(
         "remove-ln", help="remove LayerNorm from a GPT-2 by fine-tuning (the papers' method; accelerate-ready)",
@@ -632,6 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_study(args)
         if args.command == "patch":
             return run_patch(args, _load)
+        if args.command == "benchmark":
+            return run_benchmark_cli(args, _load)
         return _run_compare(args)
     except NolnError as err:
         print(f"error: {err}", file=sys.stderr)

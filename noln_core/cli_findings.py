@@ -198,3 +198,64 @@ def run_patch(args: argparse.Namespace, load: callable) -> int:
         (out / "patching.md").write_text(study_markdown(study))
     print(json.dumps(study_json(study), ensure_ascii=False) if args.json else study_markdown(study), end="")
     return 0
+
+
+def add_benchmark_parser(sub) -> None:
+    be = sub.add_parser(
+        "benchmark", help="benchmark accuracy through lm-evaluation-harness, models side by side (accelerate-ready)",
+        description=(
+            "Each model, loaded exactly, goes to EleutherAI's lm-evaluation-harness as an ordinary transformers "
+            "module (to_transformers) in the harness's HF model class; the harness runs its tasks and scores them. "
+            "Writes a side-by-side table with the harness's standard errors. hellaswag_completion is the "
+            "nanoGPT-style HellaSwag scoring (Heimersheim 2024's table is likely of that kind), labelled as such."),
+    )
+    be.add_argument("--model", action="append", metavar="SRC[@REV]", help="repeat for each model (default: the pair)")
+    be.add_argument("--tasks", required=True, help="comma list of the harness's tasks (hellaswag, mmlu, "
+                                                   "lambada_openai...) and/or hellaswag_completion")
+    be.add_argument("--limit", type=int, default=None, help="at most this many items per task (default: all)")
+    be.add_argument("--include", default=None, metavar="DIR",
+                    help="a folder of task YAMLs of your own (the harness's --include_path), e.g. on local data")
+    be.add_argument("--hellaswag-data", default="Rowan/hellaswag", metavar="PATH_OR_DATASET",
+                    help="hellaswag_completion: HellaSwag's validation items (raw format: ctx, endings, label)")
+    be.add_argument("--batch", type=int, default=8, help="requests per forward pass (1: identical across processes)")
+    be.add_argument("--seed", type=int, default=1234, help="the harness's seeds (few-shot sampling)")
+    be.add_argument("--out", default=None, metavar="DIR",
+                    help="write benchmark.json, benchmark.csv and benchmark.md into this new or empty directory")
+    be.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    be.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    be.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+
+
+def run_benchmark_cli(args: argparse.Namespace, load: callable) -> int:
+    import csv
+
+    from .registry import default_pair
+    from .study.benchmark import benchmark_csv_rows, benchmark_json, benchmark_markdown, run_benchmark
+    from .study.engine import accelerate_world
+
+    out = Path(os.path.expanduser(args.out)) if args.out else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {args.out!r} is not a new or empty directory")
+    if args.include and not Path(os.path.expanduser(args.include)).is_dir():
+        raise InputError(f"--include {args.include!r} is not a directory of task YAMLs")
+    if args.batch < 1:
+        raise InputError(f"--batch {args.batch} must be at least 1")
+    world, device = accelerate_world(args.device)
+    models = [load(spec, device, args.dtype) for spec in (args.model or list(default_pair()))]
+    result = run_benchmark(models, args.tasks.split(","), args.limit,
+                           os.path.expanduser(args.include) if args.include else None, args.batch, args.seed, world,
+                           args.hellaswag_data)
+    if result is None:
+        return 0
+    doc = benchmark_json(result)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.json").write_text(json.dumps(doc, indent=1))
+        (out / "benchmark.md").write_text(benchmark_markdown(result))
+        rows = benchmark_csv_rows(result)
+        with open(out / "benchmark.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["task"])
+            writer.writeheader()
+            writer.writerows(rows)
+    print(json.dumps(doc, ensure_ascii=False) if args.json else benchmark_markdown(result), end="")
+    return 0

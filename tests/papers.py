@@ -362,3 +362,57 @@ def attr_vs_act_patching(hf, clean: list[int], corrupted: list[int], answer: int
             finally:
                 handle.remove()
     return {"act": act, "attr": attr, "clean": float(logit_diff(clean_logits)), "corrupted": corrupt_metric}
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-evaluation-harness ``tasks/hellaswag/utils.py`` ``preprocess`` (lines 6-12)."""
+    import re
+
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+@torch.no_grad()
+def harness_hellaswag(hf, encode, docs: list[dict]) -> tuple[float, float]:
+    """(acc, acc_norm) as the harness's ``hellaswag`` task scores them: ``process_docs`` (utils.py lines 15-25),
+    ``doc_to_text`` the query, each choice after a space (``target_delimiter``); the log-likelihood of the
+    continuation tokens (``HFLM._encode_pair``: the whole string encoded, the context's tokens cut off); ``acc`` the
+    arg max, ``acc_norm`` the arg max of log-likelihood over the choice's length in characters (api/task.py)."""
+    acc, acc_norm = [], []
+    for doc in docs:
+        query = hellaswag_preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+        choices = [hellaswag_preprocess(e) for e in doc["endings"]]
+        lls = []
+        for choice in choices:
+            whole, context = encode(query + " " + choice), encode(query)
+            cont = whole[len(context):]
+            logits = hf(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+            lls.append(sum(float(logits[len(context) - 1 + i, t]) for i, t in enumerate(cont)))
+        gold = int(doc["label"])
+        acc.append(int(np.argmax(lls)) == gold)
+        acc_norm.append(int(np.argmax(np.array(lls) / np.array([len(c) for c in choices]))) == gold)
+    return float(np.mean(acc)), float(np.mean(acc_norm))
+
+
+@torch.no_grad()
+def nanogpt_hellaswag(hf, encode, docs: list[dict]) -> tuple[float, float]:
+    """(acc, acc_norm) of build-nanogpt's ``hellaswag.py`` (``render_example``, ``evaluate``): the raw ``ctx``, each
+    ending encoded as ``" " + ending``; cross-entropy of the ending's tokens only; ``acc`` by the smallest summed
+    loss, ``acc_norm`` by the smallest mean loss."""
+    acc, acc_norm = [], []
+    for doc in docs:
+        ctx = encode(doc["ctx"])
+        sums, means = [], []
+        for ending in doc["endings"]:
+            end = encode(" " + ending)
+            tokens = torch.tensor([ctx + end])
+            logits = hf(tokens).logits[0, :-1].double()
+            losses = torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="none")
+            mask = torch.tensor([0] * (len(ctx) - 1) + [1] * len(end), dtype=torch.float64)
+            sums.append(float((losses * mask).sum()))
+            means.append(sums[-1] / float(mask.sum()))
+        label = int(doc["label"])
+        acc.append(int(np.argmin(sums)) == label)
+        acc_norm.append(int(np.argmin(means)) == label)
+    return float(np.mean(acc)), float(np.mean(acc_norm))
