@@ -94,6 +94,9 @@ class Sampling:
     """``owt-eval``: the ``num_proc`` of ``prepare_dataset.py``'s map (its contiguous shards)."""
     batch_rows: int = 512
     """``owt-eval``: the map's batch size: rows joined together before chunking."""
+    skip_sets: tuple[str, ...] = ()
+    """``pile-eval``: rows whose ``meta.pile_set_name`` is one of these are left out (``pile_eval.py``, lines 61-66,
+    for text datasets: OpenWebText2, Books3 and BookCorpus2)."""
 
     def __post_init__(self) -> None:
         if self.method not in SAMPLINGS:
@@ -117,7 +120,8 @@ class Sampling:
             return f"the first {seq_len or 'N'} tokens of each of {first}{shuffle} (load_dataset.py)"
         if self.method == "pile-eval":
             how = "streamed" if self.streaming else "read whole"
-            return f"{first}{shuffle} ({how}), joined, cut into {cut}{keep} (pile_eval.py)"
+            skip = f", without {', '.join(self.skip_sets)}" if self.skip_sets else ""
+            return f"{first}{shuffle} ({how}){skip}, joined, cut into {cut}{keep} (pile_eval.py)"
         if self.method == "owt-eval":
             return (f"the {self.test_size:g} test split (seed {self.split_seed}), {self.shards} shards of batches of "
                     f"{self.batch_rows} rows, each joined and cut into {cut}{keep} (prepare_dataset.py)")
@@ -381,6 +385,8 @@ def _sampled(corpus: Corpus) -> Iterator[list[str | list[int]]]:
                 ds = ds.shuffle(seed=seed).select(range(s.rows))
             ds = ds.shuffle(seed=seed)
         for row in ds:
+            if s.skip_sets and isinstance(row.get("meta"), dict) and row["meta"].get("pile_set_name") in s.skip_sets:
+                continue
             yield [_document(row[column], what)]
     else:  # owt-eval: prepare_dataset.py, lines 16-50
         ds, column = _as_dataset(corpus, streaming=False)

@@ -172,9 +172,11 @@ def load_dataset_rows(dataset, num_samples: int, max_context: int, seed: int = 4
     return [list(ex["input_ids"][:max_context]) for ex in dataset.shuffle(seed=seed).take(num_samples)]
 
 
-def preprocess_pile_dataset(dataset, num_samples: int, streaming: bool, block_size: int = 1024) -> list[list[int]]:
-    """``pile_eval.py``'s ``preprocess_pile_dataset``, lines 31-84, for a pre-tokenised dataset (the chunks as a
-    set: line 88's ``random.shuffle`` is unseeded and changes only their order)."""
+def preprocess_pile_dataset(dataset, num_samples: int, streaming: bool, block_size: int = 1024,
+                            encode=None, eot: int = 50256) -> list[list[int]]:
+    """``pile_eval.py``'s ``preprocess_pile_dataset``, lines 31-84, for a pre-tokenised dataset, or with ``encode``
+    for a text one (lines 59-70: OpenWebText2, Books3 and BookCorpus2 left out by ``meta.pile_set_name``, each text
+    followed by EOT); the chunks as a set: line 88's ``random.shuffle`` is unseeded and changes only their order."""
     if streaming:
         dataset = dataset.take(num_samples)
     elif num_samples < len(dataset):
@@ -182,7 +184,10 @@ def preprocess_pile_dataset(dataset, num_samples: int, streaming: bool, block_si
     dataset = dataset.shuffle(seed=42)
     all_tokens: list[int] = []
     for example in dataset:
-        all_tokens.extend(example["input_ids"])
+        if encode is None:
+            all_tokens.extend(example["input_ids"])
+        elif (example.get("meta") or {}).get("pile_set_name") not in ["OpenWebText2", "Books3", "BookCorpus2"]:
+            all_tokens.extend(encode(example["text"]) + [eot])
     n_chunks = min(num_samples, len(all_tokens) // block_size)
     return [all_tokens[i * block_size:(i + 1) * block_size] for i in range(n_chunks)]
 

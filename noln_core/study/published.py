@@ -30,7 +30,7 @@ SIZES = {"small": ("openai-community/gpt2", "schaeff/gpt2-small_vanilla300", "sc
 PILE_FILTERED = "lucabaroni/apollo-pile-filtered-10k"
 PILE = "apollo-research/monology-pile-uncopyrighted-tokenizer-gpt2"
 OPENWEBTEXT = "Skylion007/openwebtext"
-CORPUS_NAMES = {PILE_FILTERED: "Pile-filtered", PILE: "Pile", OPENWEBTEXT: "OpenWebText"}
+CORPUS_NAMES = {PILE_FILTERED: "Pile-filtered", PILE: "Pile", OPENWEBTEXT: "OpenWebText", "NeelNanda/pile-10k": "Pile-10k"}
 
 FIRST_TOKENS = Sampling("first-tokens", rows=1000, seed=42)
 """``mech_interp/load_dataset.py``, lines 59-60 and 72-82, as ``run_analysis.py`` (lines 29-34),
@@ -158,6 +158,26 @@ def _norms(size: str) -> Figure:
              "norm grows to about 3,100-3,600, in LN-free models it stays around 300-500. No table of numbers.")
 
 
+PILE_10K = "NeelNanda/pile-10k"
+PILE_10K_BASELINE = {"small": 2.7926, "medium": 2.49, "large": 2.48}
+"""The original GPT-2's Pile-10k loss (``EVAL_RESULTS.md``; ``EVAL_TABLE_ALL.md`` for medium and large, 2 decimals)."""
+
+
+def _pile10k(size: str) -> Figure:
+    return Figure(
+        name=f"pile10k-{size}", title=f"Pile-10k loss, GPT-2 {size}", paper=BARONI_2025,
+        source="eval_lora.py lines 68-101 (eval_pile10k) on pile_eval.py lines 15-91: NeelNanda/pile-10k read whole, "
+               "shuffle(seed=42), OpenWebText2/Books3/BookCorpus2 left out, each text + EOT, cut into 1024-token "
+               "chunks, at most 10,000",
+        models=SIZES[size], dataset=PILE_10K,
+        sampling=Sampling("pile-eval", rows=10_000, seed=42, chunk=1024, streaming=False,
+                          skip_sets=("OpenWebText2", "Books3", "BookCorpus2")),
+        seq_len=1024, metrics=("ce",), column="text",
+        published={"ce": (PILE_10K_BASELINE[size], None, None)},
+        note="The repository's LoRA evaluations report the original GPT-2's Pile-10k loss as their baseline; the "
+             "fine-tunes' were not evaluated there.")
+
+
 def _neurons(size: str) -> Figure:
     neurons = {"small": "584,2123,2870", "medium": "3144,1083,1108"}[size]
     return Figure(
@@ -174,7 +194,7 @@ def _neurons(size: str) -> Figure:
 FIGURES: dict[str, Figure] = {f.name: f for f in (
     *(_ce(size, corpus) for size in SIZES for corpus in ("owt", "pile", "pile-filtered")),
     _nmae("small"), _nmae("medium"), _inference("small"), _inference("medium"), _sinks(), _norms("small"),
-    _norms("medium"), _neurons("small"), _neurons("medium"),
+    _norms("medium"), _neurons("small"), _neurons("medium"), *(_pile10k(size) for size in ("small", "medium", "large")),
 )}
 """Every figure ``study --reproduce`` knows, by name."""
 
@@ -219,7 +239,11 @@ def _differences(figure: Figure, doc: dict) -> list[str]:
             continue
         if key == "sampling":
             theirs = got.get("sampling") or {}
-            diff = [f"{k} {theirs.get(k)!r} (figure: {v!r})" for k, v in value.items() if theirs.get(k) != v]
+            def same(a, b) -> bool:  # a JSON document holds tuples as lists
+                return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+
+            diff = [f"{k} {theirs.get(k)!r} (figure: {v!r})" for k, v in value.items()
+                    if not same(theirs.get(k, () if k == "skip_sets" else None), v)]
             out += [f"sampling {d}" for d in diff]
         elif got.get(key) != value:
             out.append(f"{key.replace('_', ' ')} {got.get(key)!r} (figure: {value!r})")

@@ -14,7 +14,7 @@ from checkpoints import neutralise, random_gpt2, save
 from noln_core.cli import main
 from noln_core.corpus import parse_corpus, prepare_chunks
 from noln_core.tokenizer import gpt2_tokenizer
-from noln_core.study.published import FIGURES, OPENWEBTEXT, PILE, PILE_FILTERED, SIZES
+from noln_core.study.published import FIGURES, OPENWEBTEXT, PILE, PILE_10K, PILE_FILTERED, SIZES
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -38,6 +38,9 @@ SCRIPTS = {
     # entropy_neurons/ablate_all_models.py, lines 44-50: DataLoader("luca-pile", max_context=512, num_samples=250,
     # prepend_bos=False), which load_dataset.py (lines 59-60, 72-82) reads as shuffle(seed=42).take(250).
     "neurons": dict(dataset=PILE_FILTERED, method="first-tokens", rows=250, seed=42, seq_len=512, bos=False),
+    # eval_lora.py, lines 68-77: preprocess_pile_dataset("pile-10k", num_samples=10000), pile_eval.py lines 42-91.
+    "pile10k": dict(dataset=PILE_10K, method="pile-eval", rows=10_000, seed=42, chunk=1024, streaming=False,
+                    skip_sets=("OpenWebText2", "Books3", "BookCorpus2"), seq_len=1024, bos=False),
     # prepare_dataset.py, lines 17-50: test_size 0.0005, seed 2357, batches of 512, num_proc 32, chunks of 1024.
     "ce-owt": dict(dataset=OPENWEBTEXT, method="owt-eval", test_size=0.0005, split_seed=2357, shards=32,
                    batch_rows=512, chunk=1024, seq_len=1024, bos=False),
@@ -77,6 +80,8 @@ def hub(tmp_path_factory):
                         for _ in range(3)],
         PILE: [{"input_ids": rng.integers(0, 50000, size=1024).tolist()} for _ in range(2)],
         OPENWEBTEXT: [{"text": " ".join(rng.choice(words, size=1400))} for _ in range(40)],
+        PILE_10K: [{"text": " ".join(rng.choice(words, size=900)),
+                    "meta": {"pile_set_name": ["Pile-CC", "OpenWebText2", "Books3", "Github"][i % 4]}} for i in range(8)],
     }
     files = {}
     for name, data in rows.items():
@@ -103,9 +108,12 @@ def _reference_chunks(figure, hub) -> list[list[int]]:
         return [r for r in papers.load_dataset_rows(stream, s.rows, figure.seq_len) if len(r) == figure.seq_len]
     if s.method == "pile-eval":
         ds = real("json", data_files={"train": path}, split="train", streaming=s.streaming)
-        return papers.sink_rate_inputs(papers.preprocess_pile_dataset(ds, s.rows, s.streaming, s.chunk), figure.seq_len)
-    from noln_core.tokenizer import gpt2_tokenizer
-
+        encode = None
+        if figure.column == "text":
+            tok = gpt2_tokenizer()
+            encode = lambda t: tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+        return papers.sink_rate_inputs(papers.preprocess_pile_dataset(ds, s.rows, s.streaming, s.chunk, encode),
+                                       figure.seq_len)
     tok = gpt2_tokenizer()
     ds = real("json", data_files={"train": path}, split="train")
     return papers.prepare_owt(ds, lambda t: tok.encode(t, add_special_tokens=False).ids, 50256)
@@ -146,7 +154,8 @@ def test_each_figure_runs_with_the_papers_settings_and_sequences(name, hub, caps
     assert code == 0, err
     doc = json.loads((tmp_path / "out" / "study.json").read_text())
     assert [m["source"] for m in doc["models"]] == list(figure.models)
-    assert doc["corpus_spec"]["source"] == figure.dataset and doc["corpus_spec"]["sampling"] == sampling
+    assert doc["corpus_spec"]["source"] == figure.dataset
+    assert doc["corpus_spec"]["sampling"] == json.loads(json.dumps(sampling))  # tuples are lists in JSON
     assert (doc["seq_len"], doc["bos"], doc["max_tokens"]) == (figure.seq_len, figure.bos, figure.max_tokens)
     assert set(figure.metrics) <= set(doc["settings"]["metrics"])
     if "nmae" in figure.metrics:
