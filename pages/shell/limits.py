@@ -40,6 +40,8 @@ class Limits:
     """The Patching page's longest prompt pair (activation patching runs ``n x layers`` short passes)."""
     means_max_sequences: int = 250
     """The Neurons page's most sequences for the ablation means (the papers' 250)."""
+    benchmark_max_limit: int | None = None
+    """The Study page's benchmarks: items per task at most (None: every item)."""
 
 
 def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
@@ -80,6 +82,7 @@ def load_limits(env=None, path: Path = CONFIG_FILE) -> Limits:
         study_cache_mb=number("NOLN_STUDY_CACHE_MB", "study_cache_mb", 500 if hosted else None),
         patch_max_tokens=number("NOLN_PATCH_MAX_TOKENS", "patch_max_tokens", 64 if hosted else 256),
         means_max_sequences=number("NOLN_MEANS_MAX_SEQUENCES", "means_max_sequences", 50 if hosted else 250),
+        benchmark_max_limit=number("NOLN_BENCHMARK_MAX_LIMIT", "benchmark_max_limit", 100 if hosted else None),
     )
 
 

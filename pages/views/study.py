@@ -5,10 +5,12 @@ import json
 import streamlit as st
 
 from noln_core.study import to_json
+from noln_core.study.benchmark import benchmark_csv_rows, benchmark_json, benchmark_markdown
 from noln_core.study.report import markdown
 from noln_core.viz import study as viz
-from pages.shell import study
+from pages.shell import benchmark, study
 from pages.shell.display import csv, figure, md
+from pages.shell.runs import run_specs
 
 st.header("Study: a corpus, many models")
 st.markdown(
@@ -57,3 +59,25 @@ if result is not None:
     c1.download_button("JSON: study", json.dumps(doc, ensure_ascii=False, indent=1).encode(), "study.json",
                        "application/json", key="dl_study_json")
     c2.download_button("Markdown: study table", markdown(doc).encode(), "study.md", "text/markdown", key="dl_study_md")
+
+st.header("Benchmarks")
+st.markdown(
+    "Accuracy on the harness researchers use: EleutherAI's lm-evaluation-harness runs its own tasks on the sidebar's "
+    "models, each loaded exactly and handed over as an ordinary `transformers` module, and scores them itself. The "
+    "follow-up paper reports HellaSwag acc_norm 0.312 for GPT-2 small this way; Heimersheim 2024's 29.56% is likely "
+    "the completion-style scoring. From the command line: `python -m noln_core benchmark --tasks hellaswag,mmlu`."
+)
+if "_model_specs" in st.session_state:
+    bench = benchmark.section(run_specs())
+    if bench is not None:
+        import pandas as pd
+
+        frame = pd.DataFrame(benchmark_csv_rows(bench))
+        st.dataframe(frame, hide_index=True, height=35 * (len(frame) + 1) + 3)
+        c1, c2 = st.columns(2)
+        c1.download_button("JSON: benchmark", json.dumps(benchmark_json(bench), indent=1).encode(), "benchmark.json",
+                           "application/json", key="dl_bench_json")
+        c2.download_button("Markdown: benchmark", benchmark_markdown(bench).encode(), "benchmark.md", "text/markdown",
+                           key="dl_bench_md")
+else:
+    st.info("Choose models in the sidebar to benchmark them.")

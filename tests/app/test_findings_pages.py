@@ -91,3 +91,41 @@ def test_the_ioi_button_loads_a_pair_of_the_papers_template(ln_dir, noln_dir):
     text = text[0] if isinstance(text, list) else text
     assert text.startswith("Then, ") and " went to the " in text and text.endswith(" to")
     assert at.text_input(key="w_corrupted").value != text and len(at.get("plotly_chart")) == 3
+
+
+def test_the_study_pages_benchmarks_run_the_harness_on_a_local_task(ln_dir, noln_dir, tmp_path):
+    """The Benchmarks section: a task folder of one's own (local mode), the harness's numbers in a table, and a bad
+    folder in an error box with the typed path kept."""
+    import json as json_
+
+    import lm_eval
+
+    from noln_core.study.benchmark import run_benchmark
+
+    rows = [{"activity_label": "Cooking", "ctx_a": "A man stirs a pot.", "ctx_b": "he", "ctx": "A man stirs a pot. he",
+             "label": str(i % 4), "endings": ["adds salt.", "walks away from the stove.", "sings.", "eats it all."]}
+            for i in range(4)]
+    (tmp_path / "tiny.jsonl").write_text("".join(json_.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    harness = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "hellaswag.yaml"
+    (tasks / "tiny_hs.yaml").write_text(f"include: {harness}\ntask: tiny_hs\ndataset_path: json\ndataset_name: null\n"
+                                        f"dataset_kwargs:\n  data_files:\n    validation: {tmp_path / 'tiny.jsonl'}\n"
+                                        "training_split: null\n")
+    at = make_app(ln_dir, noln_dir, "study")
+    at.run()
+    at.toggle(key="w_bench_on").set_value(True).run()
+    at.text_input(key="w_bench_include").set_value("/no/such/folder").run()
+    assert at.error and "not a folder" in at.error[0].value and not at.exception
+    assert at.text_input(key="w_bench_include").value == "/no/such/folder"
+    at.text_input(key="w_bench_include").set_value(str(tasks)).run()
+    at.multiselect(key="w_bench_tasks").set_value(["tiny_hs"]).run()
+    at.button(key="w_bench_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (frame,) = [d.value for d in at.dataframe if "metric" in d.value.columns]
+    want = run_benchmark([load_model(str(d), device="cpu", name=d.name) for d in (ln_dir, noln_dir)], ["tiny_hs"],
+                         include=str(tasks))
+    for row in want.rows:
+        for name, score in zip(want.models, row.scores):
+            shown = frame[(frame.metric == row.metric) & (frame.model == name)]["value"].tolist()
+            assert shown == [score.value]
