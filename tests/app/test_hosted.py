@@ -277,3 +277,25 @@ def test_hosted_messages_name_no_server_path_and_give_no_command_line_advice(hos
     budget = "the budget of 10 tokens is smaller than one sequence of 32: raise --max-tokens to at least 32"
     assert "--" not in for_page(budget) and "raise the budget to at least 32" in for_page(budget)
     assert "/srv" in for_page(corpus)  # locally, where it helps, the path stays
+
+
+def test_hosted_findings_pages_keep_their_caps(hosted, monkeypatch):
+    """Hosted: the benchmarks take the harness's own tasks only (no task folder) and at most 100 items a task; the
+    patching page refuses a text longer than its cap in an error box; the neuron means take at most 50 sequences."""
+    monkeypatch.setenv("NOLN_DEFAULT_MODELS", "demo:gpt2-kjv,demo:gpt2-kjv-noLN")
+    assert hosted.LIMITS.benchmark_max_limit == 100 and hosted.LIMITS.patch_max_tokens == 64
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({"page": "study", "model_a": "demo:gpt2-kjv", "model_b": "demo:gpt2-kjv-noLN"})
+    at.run()
+    at.toggle(key="w_bench_on").set_value(True).run()
+    assert not at.exception
+    assert not [t for t in at.text_input if t.key == "w_bench_include"]
+    assert at.number_input(key="w_bench_limit").max == 100 and "hellaswag" in at.multiselect(key="w_bench_tasks").options
+    at.switch_page("pages/views/neurons.py").run()
+    assert at.slider(key="w_means_sequences").max == 50
+    long = AppTest.from_file(APP, default_timeout=120)
+    long.query_params.update({"page": "patching", "model_a": "demo:gpt2-kjv", "model_b": "demo:gpt2-kjv-noLN",
+                              "text": "Then Mary and John went home, " * 10 + "and John gave a drink to",
+                              "answer": " Mary", "counterfactual": " John"})
+    long.run()
+    assert not long.exception and long.error and "up to 64 tokens" in long.error[0].value
