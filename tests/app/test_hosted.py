@@ -293,9 +293,12 @@ def test_hosted_findings_pages_keep_their_caps(hosted, monkeypatch):
     assert at.number_input(key="w_bench_limit").max == 100 and "hellaswag" in at.multiselect(key="w_bench_tasks").options
     at.switch_page("pages/views/neurons.py").run()
     assert at.slider(key="w_means_sequences").max == 50
+    monkeypatch.setenv("NOLN_PATCH_MAX_TOKENS", "8")  # below the fixture's 20-token text limit
+    importlib.reload(hosted)
     long = AppTest.from_file(APP, default_timeout=120)
     long.query_params.update({"page": "patching", "model_a": "demo:gpt2-kjv", "model_b": "demo:gpt2-kjv-noLN",
                               "text": "Then Mary and John went home, " * 10 + "and John gave a drink to",
                               "answer": " Mary", "counterfactual": " John"})
     long.run()
-    assert not long.exception and long.error and "up to 64 tokens" in long.error[0].value
+    assert not long.exception and long.error and "up to 8 tokens" in long.error[0].value
+    monkeypatch.delenv("NOLN_PATCH_MAX_TOKENS")
