@@ -40,7 +40,7 @@ def test_a_section_is_added_once_and_replaced_in_place():
 
 def test_every_benchmark_reports_progress_as_it_goes():
     """bench.study once printed nothing for 26 minutes: each benchmark's main says what it is doing."""
-    for name in ("run", "study", "removal", "hosted_memory", "hosted_mixed"):
+    for name in ("run", "study", "removal", "hosted_memory", "hosted_mixed", "findings"):
         source = (ROOT / "bench" / f"{name}.py").read_text()
         tree = ast.parse(source)
         said = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "say"]

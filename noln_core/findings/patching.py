@@ -122,10 +122,58 @@ def _metric(model: LoadedModel, final: torch.Tensor, pair: torch.Tensor, grad: b
     return logits[..., 0] - logits[..., 1]
 
 
-def patching(model: LoadedModel, clean, corrupted, answer: str | int, counterfactual: str | int,
-             prepend_bos: bool = True) -> Patching:
-    """Activation and attribution patching from ``clean`` into ``corrupted`` (texts or token ids of equal length)
-    for the logit difference ``answer - counterfactual`` at the last position."""
+def _hook_names(L: int) -> tuple[list[str], str]:
+    final = f"blocks.{L - 1}.hook_resid_post"
+    return [f"blocks.{layer}.hook_resid_pre" for layer in range(L)] + [final], final
+
+
+def _attribution(model: LoadedModel, clean_ids: list[int], corrupt_ids: list[int], pair: torch.Tensor) -> dict:
+    """Attribution patching: the clean run's activations, and one forward and one backward pass on the corrupted
+    prompt; ``grad . (clean - corrupted)`` for every ``resid_pre`` (and the final stream) and every head's ``z``."""
+    L = model.info.n_layers
+    names, final_name = _hook_names(L)
+
+    def wanted(name: str) -> bool:
+        return name.endswith(("hook_resid_pre", "attn.hook_z")) or name == final_name
+
+    clean_cache: dict[str, torch.Tensor] = {}
+    model.forward(torch.tensor([clean_ids]), observer=clean_cache.__setitem__, wants=wanted, return_logits=False)
+    clean_metric = float(_metric(model, clean_cache[final_name][0, -1], pair))
+    corrupt_cache: dict[str, torch.Tensor] = {}
+
+    def keep_grad(name: str, value: torch.Tensor) -> torch.Tensor:
+        if not wanted(name):
+            return value
+        if value.grad_fn is None:  # the embedding: the leaf every later activation hangs from
+            value = value.detach().requires_grad_(True)
+        value.retain_grad()
+        corrupt_cache[name] = value
+        return value
+
+    model.forward(torch.tensor([corrupt_ids]), edit=keep_grad, grad=True, return_logits=False)
+    with torch.enable_grad():
+        metric = _metric(model, corrupt_cache[final_name][0, -1], pair, grad=True)
+        metric.backward()
+    grads = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in corrupt_cache.items()}
+    corrupt_cache = {k: v.detach() for k, v in corrupt_cache.items()}
+    resid_attr = torch.stack([(grads[k][0] * (clean_cache[k][0] - corrupt_cache[k][0])).float().sum(-1)
+                              for k in names])
+    z_attr = torch.stack([(grads[k][0] * (clean_cache[k][0] - corrupt_cache[k][0])).float().sum((0, 2))
+                          for k in (f"blocks.{layer}.attn.hook_z" for layer in range(L))])
+    return {"clean_cache": clean_cache, "corrupt_cache": corrupt_cache, "clean_metric": clean_metric,
+            "corrupted_metric": float(metric.detach()), "resid_attr": resid_attr, "z_attr": z_attr, "names": names}
+
+
+def attribution_patching(model: LoadedModel, clean, corrupted, answer: str | int, counterfactual: str | int,
+                         prepend_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Attribution patching alone (two forward passes, one backward): ``(resid_attr (L + 1, n), z_attr (L, H))``,
+    as :func:`patching` computes them."""
+    clean_ids, corrupt_ids, a, b = _checked(model, clean, corrupted, answer, counterfactual, prepend_bos)
+    att = _attribution(model, clean_ids, corrupt_ids, torch.tensor([a, b], device=model.device))
+    return frozen(att["resid_attr"].cpu(), np.float64), frozen(att["z_attr"].cpu(), np.float64)
+
+
+def _checked(model: LoadedModel, clean, corrupted, answer, counterfactual, prepend_bos: bool):
     from ..tokenizer import resolve_token
 
     info = model.info
@@ -141,46 +189,24 @@ def patching(model: LoadedModel, clean, corrupted, answer: str | int, counterfac
     b, _, _ = resolve_token(model.tokenizer, info.d_vocab, counterfactual, "counterfactual")
     if a == b:
         raise InputError("the answer and the counterfactual are the same token")
+    return clean_ids, corrupt_ids, a, b
+
+
+def patching(model: LoadedModel, clean, corrupted, answer: str | int, counterfactual: str | int,
+             prepend_bos: bool = True) -> Patching:
+    """Activation and attribution patching from ``clean`` into ``corrupted`` (texts or token ids of equal length)
+    for the logit difference ``answer - counterfactual`` at the last position."""
+    info = model.info
+    clean_ids, corrupt_ids, a, b = _checked(model, clean, corrupted, answer, counterfactual, prepend_bos)
     L, H, n = info.n_layers, info.n_heads, len(clean_ids)
     device = model.device
     pair = torch.tensor([a, b], device=device)
     final_name = f"blocks.{L - 1}.hook_resid_post"
 
-    def wanted(name: str) -> bool:
-        return name.endswith(("hook_resid_pre", "attn.hook_z")) or name == final_name
-
-    clean_cache: dict[str, torch.Tensor] = {}
-    model.forward(torch.tensor([clean_ids]), observer=clean_cache.__setitem__, wants=wanted, return_logits=False)
-    clean_metric = float(_metric(model, clean_cache[final_name][0, -1], pair))
-
-    # Attribution patching: one forward and one backward pass on the corrupted prompt.
-    grads: dict[str, torch.Tensor] = {}
-    corrupt_cache: dict[str, torch.Tensor] = {}
-
-    def keep_grad(name: str, value: torch.Tensor) -> torch.Tensor:
-        if not wanted(name):
-            return value
-        if value.grad_fn is None:  # the embedding: the leaf every later activation hangs from
-            value = value.detach().requires_grad_(True)
-        value.retain_grad()
-        corrupt_cache[name] = value
-        return value
-
-    model.forward(torch.tensor([corrupt_ids]), edit=keep_grad, grad=True, return_logits=False)
-    with torch.enable_grad():
-        corrupted_metric_t = _metric(model, corrupt_cache[final_name][0, -1], pair, grad=True)
-        corrupted_metric_t.backward()
-    corrupted_metric = float(corrupted_metric_t.detach())
-    for name, value in corrupt_cache.items():
-        grads[name] = value.grad if value.grad is not None else torch.zeros_like(value)
-    corrupt_cache = {k: v.detach() for k, v in corrupt_cache.items()}
-
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)] + [final_name]
-    resid_attr = torch.stack([(grads[k][0] * (clean_cache[k][0] - corrupt_cache[k][0])).float().sum(-1)
-                              for k in names])
-    z_attr = torch.stack([(grads[f"blocks.{layer}.attn.hook_z"][0] * (
-        clean_cache[f"blocks.{layer}.attn.hook_z"][0] - corrupt_cache[f"blocks.{layer}.attn.hook_z"][0])
-    ).float().sum((0, 2)) for layer in range(L)])
+    att = _attribution(model, clean_ids, corrupt_ids, pair)
+    clean_cache, corrupt_cache = att["clean_cache"], att["corrupt_cache"]
+    clean_metric, corrupted_metric = att["clean_metric"], att["corrupted_metric"]
+    resid_attr, z_attr, names = att["resid_attr"], att["z_attr"], att["names"]
 
     # Activation patching: each layer's n (resp. H) patched runs in one batch, started at that layer.
     resid_act = torch.zeros(L + 1, n)

@@ -11,7 +11,7 @@ import torch
 from checkpoints import hf_model
 from noln_core.errors import InputError
 from noln_core.findings.ioi import TEMPLATES, ioi_group, ioi_pairs
-from noln_core.findings.patching import agreement, patching
+from noln_core.findings.patching import agreement, attribution_patching, patching
 from papers import attr_vs_act_patching, ioi_bisymmetric_group
 
 CLEAN = [50256, 6423, 11, 5335, 290, 1757, 1816, 284, 262, 3650, 13, 5335, 2921, 257, 4144, 284]
@@ -53,6 +53,13 @@ def test_both_patchings_equal_the_papers_script(results):
     np.testing.assert_allclose(got.normalised(got.resid_act)[0, 11], 1.0, atol=1e-4)
     same = [p for p in range(len(CLEAN)) if p != 11]
     assert np.abs(got.resid_act[0, same]).max() < 1e-5 and not got.resid_attr[0, same].any()
+
+
+def test_attribution_patching_alone_gives_the_same_maps(case, results):
+    got = results[0]
+    resid, z = attribution_patching(case[0], CLEAN, CORRUPTED, got.answer_id, got.counterfactual_id)
+    np.testing.assert_array_equal(resid, got.resid_attr)
+    np.testing.assert_array_equal(z, got.z_attr)
 
 
 def test_the_final_stream_is_exact_without_ln_and_only_there(results):
