@@ -135,7 +135,7 @@ def test_every_readme_command_line_parses_and_makes_a_run_its_flags_allow():
                 assert r.batch == args.micro_batch * processes * r.grad_accum
         if args.command == "study" and args.reproduce and args.reproduce != "list":
             assert _study_plan(args)["models"]
-    assert {"compare", "remove-ln", "study", "notebook"} <= seen, seen
+    assert {"compare", "remove-ln", "study", "notebook", "patch", "benchmark"} <= seen, seen
 
 
 def _run_line(start: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -166,3 +166,11 @@ def test_the_readmes_offline_removal_and_study_lines_run_from_an_empty_directory
     assert (tmp_path / "study/study.md").read_text().count("demo:gpt2-kjv-noLN") >= 1
     listing = _run_line("python -m noln_core study --reproduce list", tmp_path).stdout
     assert "nmae-small" in listing and "sinks-medium" in listing
+
+
+def test_the_readmes_offline_findings_lines_run_as_written(tmp_path):
+    """The entropy-neuron and patching lines on the demo models, exactly as the README writes them."""
+    neurons = _run_line("python -m noln_core compare --model demo:gpt2-kjv --model demo:gpt2-kjv-noLN", tmp_path)
+    assert neurons.stdout.count("ablating neuron") == 6 and "through the final LN 0.0%" in neurons.stdout
+    patched = _run_line("python -m noln_core patch --model demo:gpt2-kjv", tmp_path).stdout
+    assert "demo:gpt2-kjv-noLN (LN-free)" in patched and "resid_pre NMAE" in patched
