@@ -26,6 +26,14 @@ from .model import DTYPES, LoadedModel
 from .study.results import json_safe
 
 
+def new_directory(value: str | None) -> Path | None:
+    """``--out``: a new or empty directory (nothing a user had there is overwritten), or None when not given."""
+    out = Path(os.path.expanduser(value)) if value else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {value!r} is not a new or empty directory")
+    return out
+
+
 def add_neuron_arguments(cmp: argparse.ArgumentParser) -> None:
     cmp.add_argument("--neurons", nargs="?", const="marked", default=None, metavar="N,N,...|marked",
                      help="also mean-ablate these last-layer neurons on the text, split into the direct part and the "
@@ -152,9 +160,7 @@ def run_patch(args: argparse.Namespace, load: callable) -> int:
     from .registry import default_pair
 
     specs = args.model or list(default_pair())
-    out = Path(os.path.expanduser(args.out)) if args.out else None
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {args.out!r} is not a new or empty directory")
+    out = new_directory(args.out)
     if args.ioi is None:
         missing = [f"--{k}" for k in ("clean", "corrupted", "answer", "counterfactual") if not getattr(args, k)]
         if missing:
@@ -233,9 +239,7 @@ def run_benchmark_cli(args: argparse.Namespace, load: callable) -> int:
     from .study.benchmark import benchmark_csv_rows, benchmark_json, benchmark_markdown, run_benchmark
     from .study.engine import accelerate_world
 
-    out = Path(os.path.expanduser(args.out)) if args.out else None
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {args.out!r} is not a new or empty directory")
+    out = new_directory(args.out)
     if args.include and not Path(os.path.expanduser(args.include)).is_dir():
         raise InputError(f"--include {args.include!r} is not a directory of task YAMLs")
     if args.batch < 1:

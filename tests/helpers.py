@@ -73,3 +73,16 @@ def hf_readout(model, x: torch.Tensor, answer: int, counterfactual: int) -> torc
     with torch.no_grad():
         logits = model.lm_head(model.transformer.ln_f(x.float())).double()
     return logits[..., answer] - logits[..., counterfactual]
+
+
+def launch_two(*args: str, timeout: int = 300):
+    """``accelerate launch`` with 2 processes (gloo on the CPU, one thread each) of ``python -m noln_core ARGS``."""
+    import os
+    import shutil
+    import subprocess
+
+    accelerate = shutil.which("accelerate")
+    assert accelerate, "accelerate is a requirement"
+    return subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "noln_core", *args],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)

@@ -148,15 +148,15 @@ def _run_line(start: str, tmp_path: Path, *extra: str) -> subprocess.CompletedPr
 
 
 def test_the_readmes_offline_removal_and_study_lines_run_from_an_empty_directory(tmp_path):
-    """The README's offline shell lines, run as written from an empty directory but shortened by one flag each
-    (argparse takes the last): `remove-ln` on the demo model with the fewest steps its schedule allows, not 300
-    (six minutes here), and the demo `study` on 4,096 tokens, not the whole demo corpus (two minutes)."""
+    """The README's offline shell lines, run as written from an empty directory but shortened (argparse takes the
+    last flag): `remove-ln` on the demo model with the fewest steps its schedule allows and 2 sequences a step, not
+    300 x 8 (six minutes here), and the demo `study` on 4,096 tokens, not the whole demo corpus (two minutes)."""
     import json
 
     words = "and the lord said unto moses behold i am with thee in the land of egypt".split()
     (tmp_path / "my_corpus.txt").write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(60))
                                                       for i in range(200)))
-    removal = _run_line("python -m noln_core remove-ln --base demo:gpt2-kjv", tmp_path, "--steps", "21")
+    removal = _run_line("python -m noln_core remove-ln --base demo:gpt2-kjv", tmp_path, "--steps", "21", "--batch", "2")
     summary = json.loads(removal.stdout.strip().splitlines()[-1])
     assert summary["kind"] == "ln_free" and summary["steps"] == 21 and summary["eval_loss"] < summary["base_eval_loss"]
     assert (tmp_path / "runs/kjv-noLN/config.json").is_file()

@@ -180,7 +180,14 @@ def test_the_budget_counts_evicted_models_that_are_still_held():
 def test_a_load_waits_for_a_held_model_to_be_released():
     store = ModelStore(8, lambda spec, **_: SizedModel(spec, 10), max_bytes=25, estimate=lambda *_: 10)
     held = [store.get("a", "cpu", "float32"), store.get("b", "cpu", "float32")]
-    threading.Timer(0.4, held.clear).start()  # the runs holding them end
     started = time.monotonic()
+
+    def release() -> None:  # once the load is waiting for room, the runs holding the two models end
+        while store.waits < 1 and time.monotonic() - started < 5:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        held.clear()
+
+    threading.Thread(target=release).start()  # whatever the machine's load, the release comes after the wait began
     assert store.get("c", "cpu", "float32", max_wait=10).spec == "c"
-    assert 0.3 < time.monotonic() - started < 5 and store.waits == 1 and store.live_bytes() <= 25
+    assert 0.1 < time.monotonic() - started < 5 and store.waits == 1 and store.live_bytes() <= 25

@@ -23,6 +23,7 @@ not confirmed.  ``hellaswag_completion`` is that scoring, named so that the two 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -113,24 +114,44 @@ def _harness_version() -> str:
     return version("lm_eval")
 
 
-def task_manager(tasks: list[str], include: str | None):
-    """The harness's task index (with ``include``'s YAMLs), once per run: indexing every task takes seconds."""
+@functools.lru_cache(maxsize=8)
+def harness_index(include: str | None = None, defaults: bool = True):
+    """The harness's ``TaskManager``: ``include``'s task YAMLs and (``defaults``) its own thousands, which take
+    seconds to index, so each index is built once per process."""
     from lm_eval.tasks import TaskManager
 
-    if include:  # tasks of one's own alone skip indexing the harness's thousands of YAMLs (15 s here)
-        own = TaskManager(include_path=include, include_defaults=False)
+    return TaskManager(include_path=include, include_defaults=defaults)
+
+
+def task_manager(tasks: list[str], include: str | None):
+    """The index that holds ``tasks``: ``include``'s alone when it does (15 s saved here), else the harness's too."""
+    if include:
+        own = harness_index(include, defaults=False)
         if all(t in own.all_tasks for t in tasks):
             return own
-    manager = TaskManager(include_path=include) if include else TaskManager()
+    manager = harness_index(include)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise InputError(f"lm-evaluation-harness has no task {unknown[0]!r} (`lm-eval ls tasks` lists them)")
     return manager
 
 
+def _light_env_info(results: dict) -> None:
+    """What the harness's ``add_env_info`` records, without running ``pip list`` (3 s a call) or ``git``."""
+    import platform
+
+    import transformers
+
+    results.update(pretty_env_info=f"python {platform.python_version()}, torch {torch.__version__}",
+                   transformers_version=transformers.__version__, upper_git_hash=None)
+
+
 def _run_harness(lm, tasks: list[str], limit: int | None, manager, seed: int) -> dict:
     import lm_eval
+    import lm_eval.evaluator as evaluator
 
+    evaluator.add_env_info = _light_env_info
+    evaluator.get_git_commit_hash = lambda: None  # it runs git in the working directory, which need not be a repo
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, random_seed=seed,
                                        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

@@ -11,27 +11,18 @@ from pathlib import Path
 import streamlit as st
 
 from noln_core import NolnError
-from noln_core.study.benchmark import COMPLETION_TASK, Benchmark, run_benchmark
+from noln_core.study.benchmark import COMPLETION_TASK, Benchmark, harness_index, run_benchmark
 from pages.shell import cache, limits
 from pages.shell.display import error
 
 DEFAULT_TASKS = ("hellaswag",)
 
 
-@st.cache_resource(show_spinner=False)
-def _harness_own_tasks() -> tuple[str, ...]:
-    from lm_eval.tasks import TaskManager
-
-    with st.spinner("Listing lm-evaluation-harness's tasks (once)…"):
-        return tuple(sorted(TaskManager().all_tasks))
-
-
 def harness_tasks(include: str | None = None) -> tuple[str, ...]:
     """``include``'s task names, then the harness's own (indexed once per process: it takes seconds)."""
-    from lm_eval.tasks import TaskManager
-
-    own = tuple(sorted(TaskManager(include_path=include, include_defaults=False).all_tasks)) if include else ()
-    return own + _harness_own_tasks()
+    own = tuple(sorted(harness_index(include, defaults=False).all_tasks)) if include else ()
+    with st.spinner("Listing lm-evaluation-harness's tasks (once)…"):
+        return own + tuple(sorted(harness_index().all_tasks))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from checkpoints import hf_model
+from helpers import launch_two
 from noln_core.cli import main
 from noln_core.errors import InputError
 from noln_core.study.benchmark import COMPLETION_TASK, run_benchmark
@@ -86,11 +86,7 @@ def test_two_processes_give_the_one_process_table(task_dir, ln_dir, noln_dir, tm
     md = (tmp_path / "out" / "benchmark.md").read_text()
     assert "| tiny_hellaswag | acc_norm | lm-evaluation-harness" in md and "(LN-free)" in md
     assert len((tmp_path / "out" / "benchmark.csv").read_text().splitlines()) == 1 + 4 * 2
-    accelerate = shutil.which("accelerate")
-    assert accelerate, "accelerate is a requirement"
-    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "noln_core", *args],
-                         capture_output=True, text=True, env=env, timeout=400)
+    two = launch_two(*args, timeout=400)
     assert two.returncode == 0, two.stderr[-2000:]
     doc2 = json.loads(two.stdout)
     assert doc2["processes"] == 2

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from helpers import launch_two
 from noln_core.cli import main
 
 TEXT = "When Mary and John went to the store, John gave a drink to"
@@ -99,11 +99,7 @@ def test_the_patching_study_on_two_processes_equals_one(ln_dir, noln_dir, tmp_pa
     assert noln["final_error"] < 1e-5 < 1e-4 < ln["final_error"]
     assert ln["resid_nmae"]["n"] == 8 and np.shape(ln["mean_act"]) == (4, len(doc["tokens"]))
     assert "| model |" in (tmp_path / "one" / "patching.md").read_text()
-    accelerate = shutil.which("accelerate")
-    assert accelerate, "accelerate is a requirement"
-    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "noln_core", *args],
-                         capture_output=True, text=True, env=env, timeout=300)
+    two = launch_two(*args)
     assert two.returncode == 0, two.stderr[-2000:]
     doc2 = json.loads(two.stdout)
     assert doc2["processes"] == 2

@@ -147,7 +147,7 @@ def test_each_figure_runs_with_the_papers_settings_and_sequences(name, hub, caps
     extra = []
     if figure.neurons:
         assert figure.neurons == {"small": "584,2123,2870", "medium": "3144,1083,1108"}[name.split("-")[-1]]
-        extra = ["--neurons", "3,17"]
+        extra = ["--neurons", "3"]
     code = main(["study", "--reproduce", name, "--device", "cpu", "--batch", "2", "--bootstrap", "20",
                  "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "out"), *extra])
     out, err = capsys.readouterr()
@@ -162,7 +162,7 @@ def test_each_figure_runs_with_the_papers_settings_and_sequences(name, hub, caps
         assert doc["settings"]["nmae_target"] == "last-token" and doc["settings"]["value_bias"]["counted_in"] == "b_O"
     if figure.neurons:
         ablated = doc["neurons"]["models"]
-        assert [m["neurons"] for m in ablated] == [[3, 17]] * 3 and ablated[2]["ln_free"]
+        assert [m["neurons"] for m in ablated] == [[3]] * 3 and ablated[2]["ln_free"]
         assert doc["neurons"]["sequences"] == doc["n_sequences"]
         assert all(e["loss_via_ln"]["mean"] == 0 for e in ablated[2]["effects"])  # LN-free: exactly 0
         assert all(e["loss_via_ln"]["mean"] > 0 for e in ablated[0]["effects"])

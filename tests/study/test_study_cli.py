@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+from helpers import launch_two
 from noln_core.cli import main
 from noln_core.study.report import markdown
 
@@ -124,13 +124,7 @@ def test_two_processes_equal_one(doc_and_files, models):
     """``accelerate launch`` with 2 processes (gloo on the CPU) gives the 1-process JSON, but for ``processes``,
     losses of millions of nats and the neuron ablations included."""
     one, _, tmp = doc_and_files
-    accelerate = shutil.which("accelerate")
-    assert accelerate, "accelerate is a requirement"
-    proc = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "noln_core", "study", *models, *ARGS, "--neurons", "3,17",
-         "--json", "--state-dir", str(tmp / "state2")],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    proc = launch_two("study", *models, *ARGS, "--neurons", "3,17", "--json", "--state-dir", str(tmp / "state2"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = json.loads(proc.stdout)
     assert two["processes"] == 2

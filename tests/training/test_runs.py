@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import PROMPTS
+from helpers import PROMPTS, launch_two
 from noln_core import load_model
 from noln_core.cli import main
 from noln_core.corpus import text_corpus
@@ -56,14 +56,8 @@ def test_two_processes_equal_one(one_process, ln_dir, data, tmp_path):
     (FSDP cannot be tested here: accelerate runs it only on accelerators, and a CPU launch with ``--use_fsdp``
     is refused in one line (the next tests); ``bench/gpu_check.sh`` runs the FSDP launch where a GPU is lent.)
     """
-    accelerate = shutil.which("accelerate")
-    assert accelerate, "accelerate is a requirement"
     out = tmp_path / "two"
-    proc = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "noln_core", "remove-ln", "--base", str(ln_dir), "--data", str(data),
-         "--out", str(out), *ARGS],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    proc = launch_two("remove-ln", "--base", str(ln_dir), "--data", str(data), "--out", str(out), *ARGS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["processes"] == 2
     distributed = json.loads((out / "removal.json").read_text())["distributed"]
