@@ -114,10 +114,14 @@ def _harness_version() -> str:
     return version("lm_eval")
 
 
-@functools.lru_cache(maxsize=8)
 def harness_index(include: str | None = None, defaults: bool = True):
     """The harness's ``TaskManager``: ``include``'s task YAMLs and (``defaults``) its own thousands, which take
     seconds to index, so each index is built once per process."""
+    return _index(include, defaults)  # one cache key however the arguments are passed
+
+
+@functools.lru_cache(maxsize=8)
+def _index(include: str | None, defaults: bool):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include, include_defaults=defaults)

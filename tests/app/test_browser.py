@@ -212,7 +212,13 @@ def test_every_page_opened_by_a_link_as_a_fresh_servers_first_request_shows_no_d
 
     query = {"text": "The Eiffel Tower is located in the city of", "answer": " Paris", "counterfactual": " London",
              "attr_layer": "1"}
-    links = [f"/{spec.name}?{urlencode(query)}" for spec in PAGES[1:]]
+    # Every page but the default is reached through the same mechanism, its first-request shim, byte for byte the
+    # same file: checked for all of them here, and opened in fresh servers for four (a page with link fields, the
+    # tour, a findings page, the study), so that a 2-core machine is not asked to start nine servers at once.
+    shims = {spec.name: (ROOT / "pages" / f"{spec.name}.py").read_text().split("\n", 1)[1] for spec in PAGES[1:]}
+    assert len(set(shims.values())) == 1, "every page's shim runs app.py the same way"
+    opened = ("attribution", "tour", "patching", "study")
+    links = [f"/{spec.name}?{urlencode(query)}" for spec in PAGES[1:] if spec.name in opened]
     headings = {spec.name: heading for spec, (_, heading, _) in zip(PAGES, PAGES_SHOWN)}
     with fresh_servers(len(links), ln_dir, noln_dir, OMP_NUM_THREADS="1") as urls:
         pages = []
@@ -227,7 +233,11 @@ def test_every_page_opened_by_a_link_as_a_fresh_servers_first_request_shows_no_d
             assert page.locator("[role=dialog]").count() == 0, (link, page.locator("[role=dialog]").all_inner_texts())
             _assert_no_exception(page)
             assert page.locator("[data-testid='stSidebarNav'] a").count() == len(PAGES)
-            assert page.locator("textarea").first.input_value() == query["text"]
+            with contextlib.suppress(Exception):  # the sidebar may fill its text a moment after the heading shows
+                page.wait_for_function("t => (document.querySelector('textarea') || {}).value === t", arg=query["text"],
+                                       timeout=60_000)
+            assert page.locator("textarea").first.input_value() == query["text"], (link, page.locator(
+                "textarea").evaluate_all("els => els.map(e => e.value)"))
             assert f"page={name}" in page.url
             page.close()
 
