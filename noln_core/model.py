@@ -328,11 +328,12 @@ class LoadedModel:
                 pos = w.W_pos[:n][None]
                 put("hook_embed", embed)
                 put("hook_pos_embed", pos.expand_as(embed))
-                resid, first = embed + pos, 0
+                resid, first_layer = embed + pos, 0
             else:
-                first, resid = start
+                first_layer, resid = start
             marker = None
-            for layer in range(first, info.n_layers if stop_at_layer is None else min(stop_at_layer, info.n_layers)):
+            last = info.n_layers if stop_at_layer is None else min(stop_at_layer, info.n_layers)
+            for layer in range(first_layer, last):
                 b = f"blocks.{layer}."
                 resid = change(b + "hook_resid_pre", resid)
                 put(b + "hook_resid_pre", resid)

@@ -117,8 +117,8 @@ def neuron_markdown(study: NeuronStudy) -> str:
              "(ablate_all_models.py). |Δ| per token: mean [95% interval over sequences], median [quartiles] as the "
              "papers print it, and the mean |Δ loss| split into its direct part and its part through the final LN's "
              "scale (exactly 0 without LN).", "",
-             "| model | ablated | mean \\|Δ loss\\| | median \\|Δ loss\\| [Q1, Q3] | mean \\|Δ entropy\\| | direct | "
-             "through the final LN |", "|---|---|---|---|---|---|---|"]
+             "| model | ablated | mean \\|Δ loss\\| | median \\|Δ loss\\| [Q1, Q3] | mean \\|Δ entropy\\| "
+             "| direct | through the final LN |", "|---|---|---|---|---|---|---|"]
     for m in study.models:
         for e in m.effects:
             lines.append(

@@ -30,7 +30,8 @@ SIZES = {"small": ("openai-community/gpt2", "schaeff/gpt2-small_vanilla300", "sc
 PILE_FILTERED = "lucabaroni/apollo-pile-filtered-10k"
 PILE = "apollo-research/monology-pile-uncopyrighted-tokenizer-gpt2"
 OPENWEBTEXT = "Skylion007/openwebtext"
-CORPUS_NAMES = {PILE_FILTERED: "Pile-filtered", PILE: "Pile", OPENWEBTEXT: "OpenWebText", "NeelNanda/pile-10k": "Pile-10k"}
+CORPUS_NAMES = {PILE_FILTERED: "Pile-filtered", PILE: "Pile", OPENWEBTEXT: "OpenWebText",
+                "NeelNanda/pile-10k": "Pile-10k"}
 
 FIRST_TOKENS = Sampling("first-tokens", rows=1000, seed=42)
 """``mech_interp/load_dataset.py``, lines 59-60 and 72-82, as ``run_analysis.py`` (lines 29-34),
