@@ -201,12 +201,12 @@ def patching(model: LoadedModel, clean, corrupted, answer: str | int, counterfac
     L, H, n = info.n_layers, info.n_heads, len(clean_ids)
     device = model.device
     pair = torch.tensor([a, b], device=device)
-    final_name = f"blocks.{L - 1}.hook_resid_post"
-
     att = _attribution(model, clean_ids, corrupt_ids, pair)
     clean_cache, corrupt_cache = att["clean_cache"], att["corrupt_cache"]
     clean_metric, corrupted_metric = att["clean_metric"], att["corrupted_metric"]
     resid_attr, z_attr, names = att["resid_attr"], att["z_attr"], att["names"]
+    final_name = names[-1]
+    idx = torch.arange(n, device=device)  # run i patches position i
 
     # Activation patching: each layer's n (resp. H) patched runs in one batch, started at that layer.
     resid_act = torch.zeros(L + 1, n)
@@ -215,13 +215,11 @@ def patching(model: LoadedModel, clean, corrupted, answer: str | int, counterfac
     with torch.inference_mode():
         for layer in range(L):
             start = corrupt_cache[names[layer]].expand(n, n, -1).clone()
-            idx = torch.arange(n, device=device)
             start[idx, idx] = clean_cache[names[layer]][0]
             model.forward(torch.tensor([corrupt_ids]).expand(n, n), observer=final.__setitem__,
                           wants=final_name.__eq__, return_logits=False, start=(layer, start))
             resid_act[layer] = _metric(model, final[final_name][:, -1], pair).cpu() - corrupted_metric
         patched = corrupt_cache[final_name][0].expand(n, n, -1).clone()
-        idx = torch.arange(n, device=device)
         patched[idx, idx] = clean_cache[final_name][0]
         resid_act[L] = _metric(model, patched[:, -1], pair).cpu() - corrupted_metric
         for layer in range(L):

@@ -151,15 +151,18 @@ def _light_env_info(results: dict) -> None:
 
 
 def _run_harness(lm, tasks: list[str], limit: int | None, manager, seed: int) -> dict:
+    from unittest import mock
+
     import lm_eval
     import lm_eval.evaluator as evaluator
 
-    evaluator.add_env_info = _light_env_info
-    evaluator.get_git_commit_hash = lambda: None  # it runs git in the working directory, which need not be a repo
+    # For this call only: no `pip list` for the environment record, no git in a directory that need not be a repo.
+    quiet = mock.patch.multiple(evaluator, add_env_info=_light_env_info, get_git_commit_hash=lambda: None)
     try:
-        return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, random_seed=seed,
-                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                       log_samples=False)
+        with quiet:
+            return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager,
+                                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                           fewshot_random_seed=seed, log_samples=False)
     except (ConnectionError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"the harness could not run {', '.join(tasks)}: {first[:300]} (a hub dataset needs the "
@@ -173,7 +176,7 @@ def _rows_from_harness(outputs: list[dict | None], tasks: list[str], version: st
         if task not in first.get("n-samples", {}) and task not in tasks:
             continue
         for key, value in first["results"][task].items():
-            if not isinstance(value, (int, float)) or key.endswith("_stderr,none") or "," not in key or "stderr" in key:
+            if not isinstance(value, (int, float)) or "," not in key or "stderr" in key:
                 continue
             metric = key.split(",")[0]
             scores = []

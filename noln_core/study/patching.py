@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..findings.ioi import PAPERS_PROMPTS, ioi_pairs
 from ..findings.patching import Agreement, agreement, patching
 from ..model import LoadedModel
+from ..tokenizer import token_pieces, tokenize
 from .engine import World, check_tokenizers
 from .stats import mean_ci
 
@@ -137,8 +138,7 @@ def patching_study(models: Sequence[LoadedModel], prompts: int = PAPERS_PROMPTS,
             mean_agreement=agreement(mean_act, mean_attr) if same else None))
     tokens = None
     if same:
-        ids = models[0].tokenizer.encode(rows[0]["clean"], add_special_tokens=False).ids
-        tokens = ("<|endoftext|>",) + tuple(models[0].tokenizer.decode([i]) for i in ids)
+        tokens = token_pieces(models[0].tokenizer, tokenize(models[0], rows[0]["clean"]))[0]
     per_prompt = tuple({**{k: v for k, v in r.items() if k != "models"}, "models": [
         {k: v for k, v in x.items() if k not in ("act", "attr", "n")} for x in r["models"]]} for r in rows)
     return PatchingStudy(prompts=len(rows), seed=seed, templates=templates, processes=world.processes,

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from noln_core import NolnError
-from noln_core.findings.neurons import parse_neurons
+from noln_core.findings.neurons import ablation_summary, parse_neurons
 from noln_core.viz import findings
 from pages.shell import cache, limits
 from pages.shell.display import error, figure, md
@@ -53,7 +53,7 @@ if result is not None:
             "**through the final LN's scale**. Without LN that part is exactly zero."
         )
         for col, a in zip(st.columns(len(ablations)), ablations):
-            share = findings.ablation_frame([a])["share through the final LN"].iloc[-1]
+            share = ablation_summary(a)[-1].via_ln_share
             col.metric(f"{md(a.name)}: through the final LN", f"{share:.1%}")
             col.caption("Exactly 0: an LN-free model has no scale to change." if a.ln_free else
                         f"Means over {a.means_source}.")
